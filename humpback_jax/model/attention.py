@@ -1,0 +1,48 @@
+"""The one attention dispatch point: masks from positions/segments, then the chosen kernel.
+
+`xla` is `jax.nn.dot_product_attention` lowered by XLA (CPU, TPU, GPU); `cudnn` asks for the cuDNN
+flash kernel on NVIDIA GPUs; `auto` picks cuDNN on GPU and XLA elsewhere. A TPU splash kernel
+would be one more branch here.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attention_mask(q_pos, q_seg, kv_pos, kv_seg):
+  """Boolean mask [batch, 1, q_len, kv_len]: same segment, key slot filled, key not in the future.
+
+  Positions count from 0 inside each packed example; a slot with position -1 or segment 0 is empty.
+  """
+  same = q_seg[:, :, None] == kv_seg[:, None, :]
+  filled = (kv_pos[:, None, :] >= 0) & (kv_seg[:, None, :] != 0)
+  causal = kv_pos[:, None, :] <= q_pos[:, :, None]
+  return (same & filled & causal)[:, None, :, :]
+
+
+def _impl(name: str) -> str:
+  if name == "auto":
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+  return name
+
+
+def dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask, impl: str = "xla"):
+  """Grouped-query attention; q [b, t, heads, d], k/v [b, s, kv_heads, d] -> [b, t, heads, d]."""
+  impl = _impl(impl)
+  if impl == "xla" and jax.default_backend() == "cpu":
+    return _grouped_attention(q_btnh, k_bsnh, v_bsnh, mask)
+  return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask=mask, implementation=impl)
+
+
+def _grouped_attention(q, k, v, mask):
+  """Plain-XLA GQA without repeating K/V: heads are folded as [kv_heads, group]."""
+  b, t, n, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, n // kv, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  logits = logits * (1.0 / jnp.sqrt(jnp.float32(d)))
+  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, n, d)

@@ -1,0 +1,210 @@
+"""LLaMA in Flax NNX: RMSNorm, rotary embeddings (with LLaMA-3 scaling), grouped-query
+attention, SwiGLU, tied or untied head, dropout, rematerialisation and a static KV cache.
+
+Why NNX: it is Flax's recommended API, modules are plain Python objects whose parameters carry
+their own metadata (here: logical sharding axes), and `nnx.split` gives the (graphdef, state)
+pair that every jitted function of ours takes, so training and generation stay pure functions
+over a parameter pytree. Layers are a Python list (one HF layer = one module), which keeps the
+weight mapping to Hugging Face one-to-one.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from humpback_jax.config import head_dim
+from humpback_jax.model import attention
+from humpback_jax.model import cache as kv_cache
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs, shape, axes, dtype, std=0.02):
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
+
+
+def _noconstraint(x, names):
+  return x
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, normalised in float32 as Hugging Face does."""
+
+  def __init__(self, dim, eps, param_dtype):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_frequencies(cfg) -> np.ndarray:
+  """Inverse frequencies [head_dim/2] in float32, with LLaMA-3 `rope_scaling` when configured."""
+  d = head_dim(cfg)
+  inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))))
+  inv = inv.astype(np.float32)
+  s = cfg.rope_scaling
+  if not s.factor:
+    return inv
+  old = s.original_max_position_embeddings
+  low_wavelen, high_wavelen = old / s.low_freq_factor, old / s.high_freq_factor
+  wavelen = 2 * np.pi / inv
+  scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+  smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rotary(x_btnh, cos_bth, sin_bth):
+  """Applies rotary embeddings in the rotate-half layout that Hugging Face LLaMA uses."""
+  half = x_btnh.shape[-1] // 2
+  x1, x2 = x_btnh[..., :half], x_btnh[..., half:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  cos = cos_bth[:, :, None, :].astype(x_btnh.dtype)
+  sin = sin_bth[:, :, None, :].astype(x_btnh.dtype)
+  return x_btnh * cos + rotated * sin
+
+
+def rope_tables(inv_freq, positions_bt):
+  """cos/sin tables [batch, len, head_dim] for integer positions (negative = padding)."""
+  angles = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+class Attention(nnx.Module):
+  """Multi-head, grouped-query or multi-query attention (by num_kv_heads)."""
+
+  def __init__(self, cfg, rngs):
+    d, n, k, h = cfg.dim, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
+    pd = jnp.dtype(cfg.param_dtype)
+    self.q = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd)
+    self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+    self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+    self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd)
+    self.impl = cfg.attention_impl
+
+  def __call__(self, x, cos, sin, mask, kv=None, index=None, constrain=_noconstraint):
+    dt = x.dtype
+    q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
+    k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
+    v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
+    q = constrain(rotary(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+    k = constrain(rotary(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+    if kv is not None:  # decoding: append to the cache, attend over all of it
+      kv = kv_cache.write(kv[0], kv[1], k, v, index)
+      k, v = kv[0].astype(dt), kv[1].astype(dt)
+    out = attention.dot_product_attention(q, k, v, mask, self.impl)
+    return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt)), kv
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg, rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    self.gate = _param(rngs, (cfg.dim, cfg.mlp_dim), ("embed", "mlp"), pd)
+    self.up = _param(rngs, (cfg.dim, cfg.mlp_dim), ("embed", "mlp"), pd)
+    self.down = _param(rngs, (cfg.mlp_dim, cfg.dim), ("mlp", "embed"), pd)
+
+  def __call__(self, x, constrain=_noconstraint):
+    dt = x.dtype
+    h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    h = constrain(h, ("batch", "length", "mlp"))
+    return h @ self.down[...].astype(dt)
+
+
+def _dropout(x, rate, rng):
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block; dropout (training only) on each residual branch's output."""
+
+  def __init__(self, cfg, rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, pd)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, pd)
+    self.mlp = MLP(cfg, rngs)
+    self.dropout_rate = cfg.dropout_rate
+
+  def __call__(self, x, cos, sin, mask, kv=None, index=None, dropout_rng=None, constrain=_noconstraint):
+    rngs = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+    h, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, index, constrain)
+    x = x + _dropout(h, self.dropout_rate, rngs[0])
+    x = x + _dropout(self.mlp(self.mlp_norm(x), constrain), self.dropout_rate, rngs[1])
+    return constrain(x, ("batch", "length", "embed")), kv
+
+
+class Llama(nnx.Module):
+  """The LLaMA decoder. Call with token ids; returns float32 logits and the updated cache."""
+
+  def __init__(self, cfg, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    self.cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), pd)
+    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, pd)
+    self.lm_head = None if cfg.tie_embeddings else _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), pd)
+    self.inv_freq = tuple(float(f) for f in rope_frequencies(cfg))  # static, not a parameter
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.remat_policy = cfg.remat_policy
+
+  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, cache=None,
+               dropout_rng=None, layout=None):
+    """tokens [batch, len] -> (logits [batch, len, vocab] float32, cache or None).
+
+    Without a cache, `segment_ids` (0 = padding) keep packed examples apart. With a cache,
+    `positions` of -1 mark left padding and the new tokens are written at `cache.index`.
+    """
+    b, t = tokens_bt.shape
+    constrain = layout.constrain if layout is not None else _noconstraint
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids_bt is None:
+      segment_ids_bt = jnp.ones((b, t), jnp.int32)
+    x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.dtype)
+    x = constrain(x, ("batch", "length", "embed"))
+    cos, sin = rope_tables(self.inv_freq, positions_bt)
+    if cache is None:
+      mask = attention.attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
+    else:
+      kv_pos = kv_cache.write_positions(cache, positions_bt)
+      mask = attention.attention_mask(positions_bt, jnp.ones_like(positions_bt), kv_pos,
+                                      (kv_pos >= 0).astype(jnp.int32))
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, kv = self._run_block(layer, x, cos, sin, mask, kv, None if cache is None else cache.index, rng, constrain)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    x = self.final_norm(x)
+    head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("batch", "length", "vocab"))
+    if cache is not None:
+      cache = kv_cache.KVCache(k=tuple(new_k), v=tuple(new_v), positions=kv_pos, index=cache.index + t)
+    return logits, cache
+
+  def _run_block(self, layer, x, cos, sin, mask, kv, index, rng, constrain):
+    if self.remat_policy == "none" or kv is not None:
+      return layer(x, cos, sin, mask, kv, index, rng, constrain)
+    policy = REMAT_POLICIES[self.remat_policy]
+    run = nnx.remat(lambda blk, x, cos, sin, mask, rng: blk(x, cos, sin, mask, None, None, rng, constrain),
+                    policy=policy)
+    return run(layer, x, cos, sin, mask, rng)
