@@ -1,0 +1,141 @@
+"""Shared pieces of every config: model sizes, mesh layouts, and the method's defaults.
+
+Configs are data (big_vision style): `get_config(arg)` in each file builds a ConfigDict from
+these presets. Every number the paper fixes sits here with the paper's value as default.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from humpback_jax.config import model_config
+from humpback_jax.errors import ConfigError
+
+LLAMA2_INST = "[INST] {instruction} [/INST]"
+CHATML = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _llama1(dim, layers, heads, mlp):
+  return dict(vocab_size=32000, dim=dim, num_layers=layers, num_heads=heads, num_kv_heads=heads,
+              mlp_dim=mlp, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048)
+
+
+def _llama2(dim, layers, heads, kv, mlp):
+  return dict(vocab_size=32000, dim=dim, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+              mlp_dim=mlp, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096)
+
+
+MODELS = {
+    # ~8M parameters: trains and generates in seconds on a CPU.
+    "toy": dict(vocab_size=2048, dim=256, num_layers=4, num_heads=8, num_kv_heads=4, mlp_dim=768,
+                norm_eps=1e-5, rope_theta=10000.0, max_seq_len=1024),
+    # ~20M parameters: the benchmark model (same shape family as toy, wider).
+    "bench20m": dict(vocab_size=2048, dim=512, num_layers=6, num_heads=8, num_kv_heads=4, mlp_dim=1376,
+                     norm_eps=1e-5, rope_theta=10000.0, max_seq_len=1024),
+    "llama1_7b": _llama1(4096, 32, 32, 11008),
+    "llama1_13b": _llama1(5120, 40, 40, 13824),
+    "llama1_33b": _llama1(6656, 60, 52, 17920),
+    "llama1_65b": _llama1(8192, 80, 64, 22016),
+    "llama2_7b": _llama2(4096, 32, 32, 32, 11008),
+    "llama2_13b": _llama2(5120, 40, 40, 40, 13824),
+    "llama2_70b": _llama2(8192, 80, 64, 8, 28672),
+    "llama3_8b": dict(vocab_size=128256, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                      mlp_dim=14336, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192),
+    "llama3.1_8b": dict(vocab_size=128256, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                        mlp_dim=14336, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072,
+                        rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192)),
+    "smollm2_135m": dict(vocab_size=49152, dim=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                         mlp_dim=1536, norm_eps=1e-5, rope_theta=100000.0, max_seq_len=8192,
+                         tie_embeddings=True),
+}
+MODELS["7b"], MODELS["13b"], MODELS["33b"], MODELS["65b"] = (
+    MODELS["llama1_7b"], MODELS["llama1_13b"], MODELS["llama1_33b"], MODELS["llama1_65b"])
+
+# Mesh layouts over (data, fsdp, tensor); -1 fills the rest of the devices.
+MESHES = {
+    "single": (1, 1, 1),
+    "data": (-1, 1, 1),
+    "fsdp": (1, -1, 1),
+    "cpu8_data": (8, 1, 1),
+    "cpu8_fsdp": (1, 8, 1),
+    "cpu8_fsdp_tensor": (1, 4, 2),
+    "gpu8": (1, 8, 1),               # one 8-GPU node: FSDP inside NVLink
+    "gpu8_tensor": (1, 1, 8),        # one node, tensor parallel (fast decode of big models)
+    "gpu_multinode": (-1, 8, 1),     # data parallel across nodes, FSDP inside each node
+    "tpu_v4_32": (1, -1, 1),         # v4-32: 16 chips, FSDP
+    "tpu_v5e_256": (-1, 16, 1),      # 256 chips: 16-way FSDP x data
+    "tpu_v5p_64": (1, -1, 1),        # v5p-64: 32 chips, FSDP
+    "tpu_v5p_128_tensor": (1, -1, 4),
+}
+
+
+def model_preset(name: str, **overrides) -> ml_collections.ConfigDict:
+  """The model config of a named size preset, with overrides."""
+  if name not in MODELS:
+    raise ConfigError(f"model preset {name!r} is unknown; known: {', '.join(sorted(MODELS))}")
+  return model_config(**{**MODELS[name], **overrides})
+
+
+def mesh_preset(name: str) -> ml_collections.ConfigDict:
+  """The mesh config of a named layout preset."""
+  if name not in MESHES:
+    raise ConfigError(f"mesh preset {name!r} is unknown; known: {', '.join(sorted(MESHES))}")
+  return ml_collections.ConfigDict(dict(axes=("data", "fsdp", "tensor"), shape=MESHES[name], preset=name))
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """big_vision style `file.py:key=value,flag` -> ConfigDict of `defaults` updated by the arg.
+
+  A bare first token without '=' sets the first default (so `llama.py:7b` means variant=7b).
+  """
+  out = dict(defaults)
+  if arg:
+    for i, item in enumerate(t for t in arg.split(",") if t):
+      if "=" in item:
+        key, value = item.split("=", 1)
+      elif i == 0:
+        key, value = next(iter(defaults)), item
+      else:
+        key, value = item, True
+      if key not in defaults:
+        raise ConfigError(f"config arg {key!r} is unknown; known: {', '.join(defaults)}")
+      out[key] = type(defaults[key])(value) if not isinstance(defaults[key], bool) else value in (True, "True", "true", "1")
+  return ml_collections.ConfigDict(out)
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+  """The paper's SFT recipe (METHOD.md 'Fine-tuning'); fields marked open are our documented choices."""
+  cfg = ml_collections.ConfigDict(dict(
+      learning_rate=1e-5, end_learning_rate=9e-6,   # paper: linear 1e-5 -> 9e-6
+      warmup_steps=0,                                # open
+      schedule="paper_linear",                       # or any optax schedule name: cosine, constant
+      weight_decay=0.1,                              # paper
+      b1=0.9, b2=0.95, eps=1e-8,                     # open: AdamW betas
+      grad_clip=1.0,                                 # open
+      batch_size=32, small_data_batch_size=8, small_data_threshold=3000,  # paper
+      steps=0,                                       # 0: the paper's steps-by-data-size table
+      micro_batches=1,                               # gradient accumulation
+      seq_len=2048,                                  # open
+      dropout_rate=0.1,                              # paper; applied on residual branches
+      batching="packing",                            # or "bucketing"
+      truncation="truncate",                         # or "drop": over-long examples
+      compute_dtype="float32", param_dtype="float32",
+      seed=0,
+      log_every=10, checkpoint_every=100, keep_checkpoints=2,
+      peak_flops=190e9,                              # per device, for MFU; 190 GFLOP/s = this CPU's fp32 peak
+      on_bad_record="raise",                         # or "skip" (counted)
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def generate_config(**overrides) -> ml_collections.ConfigDict:
+  """Decoding defaults: the paper's nucleus sampling T=0.7, top-p=0.9."""
+  cfg = ml_collections.ConfigDict(dict(
+      temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=512, batch_size=32,
+      prompt_buckets=(64, 128, 256, 512, 1024, 2048), seed=0,
+      too_long="truncate_left",   # or "skip" (counted)
+      shard_size=1024,            # records per output shard
+  ))
+  cfg.update(overrides)
+  return cfg

@@ -1,0 +1,65 @@
+"""Our model checkpoint: a folder with `model.json` (model config, tokenizer info, chat
+template), the tokenizer file, and `params/` written by orbax (sharded, restorable onto any mesh).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from humpback_jax import sharding
+from humpback_jax.errors import DataError
+from humpback_jax.model import build
+
+MODEL_JSON = "model.json"
+
+
+def is_model_dir(path: Path) -> bool:
+  """True when `path` is one of our checkpoints."""
+  return (Path(path) / MODEL_JSON).exists() and (Path(path) / "params").exists()
+
+
+def save(path: Path, params, model_cfg, *, tokenizer_file: Path | None = None,
+         chat_template: str | None = None) -> None:
+  """Writes params (orbax), the model config and the tokenizer; the folder appears complete or not at all."""
+  path = Path(path).absolute()
+  tmp = path.with_name(path.name + ".partial")
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  tmp.mkdir(parents=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp / "params", params)
+  checkpointer.wait_until_finished()
+  meta = dict(model=model_cfg.to_dict(), chat_template=chat_template, tokenizer=None)
+  if tokenizer_file is not None:
+    tokenizer_file = Path(tokenizer_file)
+    shutil.copy(tokenizer_file, tmp / tokenizer_file.name)
+    meta["tokenizer"] = tokenizer_file.name
+  if jax.process_index() == 0:
+    (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2))
+    if path.exists():
+      shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def read_meta(path: Path) -> dict:
+  """The `model.json` of a checkpoint, with `model` as a ConfigDict."""
+  f = Path(path) / MODEL_JSON
+  try:
+    meta = json.loads(f.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise DataError(f"{f}: cannot read checkpoint metadata ({e})", path=f) from e
+  meta["model"] = ml_collections.ConfigDict(meta["model"])
+  return meta
+
+
+def restore_params(path: Path, model_cfg, layout: sharding.Layout):
+  """Restores params straight into the shardings of `layout` (any mesh, not only the saving one)."""
+  shardings = build.param_shardings(model_cfg, layout)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          build.abstract_params(model_cfg), shardings)
+  return ocp.StandardCheckpointer().restore(Path(path).absolute() / "params", abstract)
