@@ -125,8 +125,8 @@ def logical_axes(abstract_state) -> Any:
 def state_shardings(abstract_state, layout: Layout) -> Any:
   """NamedSharding tree matching an (abstract) nnx.State, from each parameter's logical axes."""
   def one(v):
-    names = v.get_metadata().get("axes") or (None,) * len(v.value.shape)
-    return layout.sharding(names, v.value.shape)
+    names = v.get_metadata().get("axes") or (None,) * len(v.get_value().shape)
+    return layout.sharding(names, v.get_value().shape)
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

@@ -1,0 +1,24 @@
+"""Small shared builders for tests: layouts on the simulated devices and tiny model configs."""
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+
+from humpback_jax import sharding
+from humpback_jax.config import model_config
+
+LAYOUTS = {"data": (8, 1, 1), "fsdp": (1, 8, 1), "fsdp_tensor": (1, 4, 2)}
+
+
+def layout(shape=(1, 1, 1)) -> sharding.Layout:
+  """A Layout over the first prod(shape) simulated CPU devices."""
+  n = int(np.prod(shape))
+  mesh_cfg = ml_collections.ConfigDict(dict(axes=sharding.MESH_AXES, shape=shape))
+  return sharding.Layout(sharding.make_mesh(mesh_cfg, jax.devices()[:n]))
+
+
+def tiny_config(**overrides):
+  """A 2-layer GQA model small enough to compile in a second."""
+  return model_config(**{**dict(vocab_size=128, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                mlp_dim=128, norm_eps=1e-5, max_seq_len=256), **overrides})

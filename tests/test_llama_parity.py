@@ -1,0 +1,98 @@
+"""Our LLaMA computes the same logits as Hugging Face transformers, and survives the round trip."""
+import jax
+import numpy as np
+import pytest
+
+from hf_reference import VARIANTS, hf_logits, make_hf_model, save_hf_model
+from helpers import LAYOUTS, layout
+from humpback_jax.checkpoints import hf, safetensors_io
+from humpback_jax.model import build
+
+
+def forward_logits(cfg, params, tokens, lay=None):
+  return np.asarray(jax.jit(lambda p, t: build.forward(cfg, p, t, layout=lay)[0])(params, tokens))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+  return np.random.RandomState(0).randint(0, 101, size=(3, 40)).astype(np.int32)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_match_transformers(variant, tokens, tmp_path):
+  model = make_hf_model(variant)
+  save_hf_model(model, tmp_path)
+  cfg = hf.read_config(tmp_path)
+  params = hf.load_params(tmp_path, cfg, layout())
+  diff = np.abs(forward_logits(cfg, params, tokens) - hf_logits(model, tokens)).max()
+  assert diff <= 1e-4, f"{variant}: max |logit diff| {diff}"
+
+
+def test_config_json_is_read_faithfully(tmp_path):
+  save_hf_model(make_hf_model("llama3_rope"), tmp_path)
+  cfg = hf.read_config(tmp_path)
+  assert (cfg.num_kv_heads, cfg.rope_theta, cfg.rope_scaling.factor) == (2, 500000.0, 8.0)
+  assert cfg.rope_scaling.original_max_position_embeddings == 32
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_sharded_logits_equal_unsharded(name, tokens, tmp_path):
+  model = make_hf_model("gqa", num_attention_heads=8, num_key_value_heads=4)
+  save_hf_model(model, tmp_path)
+  cfg = hf.read_config(tmp_path)
+  single = forward_logits(cfg, hf.load_params(tmp_path, cfg, layout()), tokens)
+  lay = layout(LAYOUTS[name])
+  params = hf.load_params(tmp_path, cfg, lay)
+  assert len(params["layers"][0]["mlp"]["up"].sharding.device_set) == 8
+  tokens8 = np.resize(tokens, (8, 40))
+  sharded = forward_logits(cfg, params, tokens8, lay)
+  unsharded = forward_logits(cfg, hf.load_params(tmp_path, cfg, layout()), tokens8)
+  assert np.abs(sharded - unsharded).max() <= 1e-5
+  assert np.abs(unsharded[:3] - single).max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["gqa", "tied"])
+def test_hf_round_trip_is_bit_exact(variant, tmp_path):
+  save_hf_model(make_hf_model(variant), tmp_path / "in")
+  cfg = hf.read_config(tmp_path / "in")
+  params = hf.load_params(tmp_path / "in", cfg, layout(LAYOUTS["fsdp_tensor"]))
+  hf.save(tmp_path / "out", params, cfg)
+  before = hf.open_hf_tensors(tmp_path / "in")
+  after = hf.open_hf_tensors(tmp_path / "out")
+  assert sorted(before) == sorted(after)
+  for name in before:
+    assert before[name].dtype == after[name].dtype and before[name].shape == after[name].shape, name
+    assert np.array_equal(before[name].view(np.uint8), after[name].view(np.uint8)), name
+
+
+def test_sharded_export_writes_an_index_that_loads_back(tmp_path):
+  save_hf_model(make_hf_model("gqa"), tmp_path / "in")
+  cfg = hf.read_config(tmp_path / "in")
+  params = hf.load_params(tmp_path / "in", cfg, layout())
+  hf.save(tmp_path / "out", params, cfg, max_shard_bytes=50_000)
+  assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+  assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
+  again = hf.load_params(tmp_path / "out", cfg, layout())
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_exported_folder_loads_in_transformers(tmp_path, tokens):
+  import transformers
+  model = make_hf_model("tied")
+  save_hf_model(model, tmp_path / "in")
+  cfg = hf.read_config(tmp_path / "in")
+  hf.save(tmp_path / "out", hf.load_params(tmp_path / "in", cfg, layout()), cfg)
+  again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+  assert np.abs(hf_logits(again, tokens) - hf_logits(model, tokens)).max() == 0.0
+
+
+def test_missing_tensor_is_named(tmp_path):
+  save_hf_model(make_hf_model("gqa"), tmp_path)
+  f = tmp_path / "model.safetensors"
+  tensors = {k: np.array(v) for k, v in safetensors_io.open_tensors(f).items()
+             if k != "model.layers.1.mlp.up_proj.weight"}
+  safetensors_io.write(f, tensors)
+  cfg = hf.read_config(tmp_path)
+  with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight"):
+    hf.load_params(tmp_path, cfg, layout())
