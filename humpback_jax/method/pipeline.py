@@ -1,0 +1,239 @@
+"""The Humpback method as stages that talk only through artifacts on disk.
+
+prepare_seed -> prepare_corpus -> [pretrain] -> train_backward -> augment -> train_m0 -> curate_m0
+-> train_m1 -> curate_m1 -> ... -> train_mT -> report
+
+Each stage writes into `workdir/<stage>/` and finishes by writing `manifest.json` (config hash,
+counts, timing). A rerun skips stages with a manifest, and a killed stage resumes from what it
+left: training from its last checkpoint, generation from its finished shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import jax
+
+from humpback_jax import api, generate, shards
+from humpback_jax import tokenizer as tokenizer_lib
+from humpback_jax.checkpoints import model_dir
+from humpback_jax.errors import ConfigError
+from humpback_jax.method import backtranslate, curate, finetune, prompts, report, sources
+from humpback_jax.model import build
+
+
+def stage_names(cfg) -> list[str]:
+  """The ordered stages this config runs."""
+  names = ["prepare_seed", "prepare_corpus"]
+  if not cfg.base.checkpoint:
+    names.append("pretrain")
+  names += ["train_backward", "augment", "train_m0", "curate_m0"]
+  for t in range(1, cfg.pipeline.iterations + 1):
+    names.append(f"train_m{t}")
+    if t < cfg.pipeline.iterations:
+      names.append(f"curate_m{t}")
+  return names + ["report"]
+
+
+def config_hash(cfg) -> str:
+  """A short hash of the whole run config; a stage refuses to reuse artifacts made under another."""
+  return hashlib.sha256(cfg.to_json(sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Run:
+  """Paths, layout and tokenizer of one pipeline run; each stage is a method writing its folder."""
+
+  def __init__(self, cfg, workdir: Path, layout, progress: bool = True):
+    self.cfg, self.workdir, self.layout, self.progress = cfg, Path(workdir), layout, progress
+    self.tokenizer_path = Path(cfg.tokenizer.path or cfg.base.checkpoint)
+    self.tokenizer = tokenizer_lib.load_tokenizer(self.tokenizer_path)
+    self.hash = config_hash(cfg)
+
+  # ------------------------------------------------------------------ bookkeeping
+
+  def dir(self, stage: str) -> Path:
+    return self.workdir / stage
+
+  def manifest(self, stage: str) -> dict | None:
+    path = self.dir(stage) / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+  def run(self, only: list[str] | None = None) -> None:
+    """Runs the stages in `only` (default: all), skipping those already done."""
+    for name in only or stage_names(self.cfg):
+      done = self.manifest(name)
+      if done is not None:
+        if done["config_hash"] != self.hash:
+          raise ConfigError(f"stage {name} in {self.workdir} was made with another config (hash "
+                            f"{done['config_hash']} vs {self.hash}); use a new --workdir or --from={name}")
+        print(f"[{name}] done already, skipped")
+        continue
+      print(f"[{name}] running")
+      self.dir(name).mkdir(parents=True, exist_ok=True)
+      start = time.time()
+      counts = self._stage_fn(name)(name)
+      manifest = dict(stage=name, config_hash=self.hash, counts=counts,
+                      seconds=round(time.time() - start, 2), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+      if jax.process_index() == 0:
+        shards.write_json_atomic(self.dir(name) / "manifest.json", manifest)
+      print(f"[{name}] done in {manifest['seconds']} s: {json.dumps(counts)[:300]}")
+
+  def _stage_fn(self, name):
+    for prefix in ("train_m", "curate_m"):
+      if name.startswith(prefix):
+        return getattr(self, "_" + prefix[:-2])
+    return getattr(self, "_" + name)
+
+  # ------------------------------------------------------------------ data stages
+
+  def _prepare_seed(self, name):
+    rows, stats = sources.seed_pairs(self.cfg)
+    shards.write_atomic(self.dir(name) / "seed.jsonl", rows)
+    sources.write_dataset(rows, self.workdir / "datasets", "seed", kind="pairs")
+    return dict(seed_pairs=len(rows), **stats)
+
+  def _prepare_corpus(self, name):
+    segments, corpus_report = sources.corpus_segments(self.cfg)
+    shards.write_atomic(self.dir(name) / "segments.jsonl", segments)
+    sources.write_dataset(segments, self.workdir / "datasets", "segments", kind="segments")
+    return corpus_report
+
+  # ------------------------------------------------------------------ model stages
+
+  def _pretrain(self, name):
+    texts = sources.pretraining_texts(self.cfg)
+    examples = finetune.lm_examples(self.tokenizer, texts, self.cfg.train.seq_len)
+    p = self.cfg.pretrain
+    cfg = self._with_train(learning_rate=p.learning_rate, end_learning_rate=p.end_learning_rate,
+                           warmup_steps=p.warmup_steps, schedule=p.schedule, dropout_rate=0.0)
+    init = lambda: build.init_params(self.cfg.model, self.layout, seed=self.cfg.train.seed)
+    return finetune.run(cfg, self.layout, self.tokenizer, examples, init_params=init,
+                        workdir=self.dir(name), steps=p.steps, batch_size=p.batch_size,
+                        tokenizer_file=self.tokenizer_path, progress=self.progress)
+
+  def _train_backward(self, name):
+    seed = sources.read_jsonl(self.dir("prepare_seed") / "seed.jsonl")
+    pairs = [finetune.Pair(prompts.backward_instruction(r["output"]), r["instruction"]) for r in seed]
+    return self._finetune(name, pairs, self._base_params)
+
+  def _train(self, name):
+    t = int(name.removeprefix("train_m"))
+    seed = sources.read_jsonl(self.dir("prepare_seed") / "seed.jsonl")
+    c = self.cfg.pipeline
+    if t == 0:
+      pairs = [finetune.Pair(r["instruction"], r["output"], c.seed_only_tags) for r in seed]
+    else:
+      curated = sources.read_jsonl(self.dir(f"curate_m{t - 1}") / "curated.jsonl")
+      pairs = ([finetune.Pair(r["instruction"], r["output"], [prompts.SEED_TAG]) for r in seed] +
+               [finetune.Pair(r["instruction"], r["output"], [prompts.WEB_TAG]) for r in curated])
+    start = self._base_params if c.fresh_from_base or t == 0 else self._model_params(f"train_m{t - 1}")
+    return self._finetune(name, pairs, start)
+
+  def _finetune(self, name, pairs, init_params):
+    examples, stats = finetune.pair_examples(self.tokenizer, pairs, template=self.cfg.tokenizer.chat_template,
+                                             seq_len=self.cfg.train.seq_len, policy=self.cfg.train.truncation)
+    steps, batch = finetune.steps_and_batch(self.cfg.train, len(examples))
+    summary = finetune.run(self.cfg, self.layout, self.tokenizer, examples, init_params=init_params,
+                           workdir=self.dir(name), steps=steps, batch_size=batch,
+                           tokenizer_file=self.tokenizer_path, progress=self.progress)
+    return dict(pairs=len(pairs), **stats.as_dict(), **summary)
+
+  def _base_params(self):
+    if self.cfg.base.checkpoint:
+      _, params, _, _ = api.load_weights(Path(self.cfg.base.checkpoint), self.layout, fmt=self.cfg.base.format)
+      return params
+    return self._model_params("pretrain")
+
+  def _model_params(self, stage):
+    path = self.dir(stage) / "model"
+    return model_dir.restore_params(path, model_dir.read_meta(path)["model"], self.layout)
+
+  # ------------------------------------------------------------------ generation stages
+
+  def _engine(self, stage):
+    g = self.cfg.generate
+    return generate.Engine(self.cfg.model, self._model_params(stage), self.layout,
+                           prompt_buckets=tuple(g.prompt_buckets), batch_size=g.batch_size,
+                           too_long=g.too_long, on_empty="skip")
+
+  def _augment(self, name):
+    segments = sources.read_jsonl(self.dir("prepare_corpus") / "segments.jsonl")
+    engine = self._engine("train_backward")
+    offsets = {s["id"]: i for i, s in enumerate(segments)}
+    work = lambda batch: backtranslate.augment(engine, self.tokenizer, self.cfg, batch, offsets[batch[0]["id"]])
+    timing = self._sharded(name, segments, work)
+    rows = shards.merge(self.dir(name) / "shards", [s["id"] for s in segments])
+    candidates = [r for r in rows if r["instruction"]]
+    shards.write_atomic(self.dir(name) / "candidates.jsonl", candidates)
+    sources.write_dataset(candidates, self.workdir / "datasets", "candidates", kind="pairs")
+    statuses = {s: sum(r["status"] == s for r in rows) for s in ("ok", "empty", "skipped")}
+    return dict(segments=len(segments), candidates=len(candidates), **statuses, **timing,
+                tokens_per_s=engine.stats.tokens_per_second, compiles=engine.stats.compiles,
+                padding_share=engine.stats.padding_share)
+
+  def _curate(self, name):
+    t = int(name.removeprefix("curate_m"))
+    candidates = sources.read_jsonl(self.dir("augment") / "candidates.jsonl")
+    engine = self._engine(f"train_m{t}")
+    c = self.cfg.pipeline
+    offsets = {r["id"]: i for i, r in enumerate(candidates)}
+    if c.curation_mode == "expected":
+      work = lambda batch: curate.score_candidates_by_expectation(engine, self.tokenizer, self.cfg, batch)
+    else:
+      work = lambda batch: curate.score_candidates_by_generation(engine, self.tokenizer, self.cfg, batch,
+                                                                 offsets[batch[0]["id"]])
+    timing = self._sharded(name, candidates, work)
+    scored = shards.merge(self.dir(name) / "shards", [r["id"] for r in candidates])
+    keep = curate.selected(scored, c.threshold_k, c.curation_mode)
+    curated = [r for r in candidates if r["id"] in keep]
+    shards.write_atomic(self.dir(name) / "scores.jsonl", scored)
+    shards.write_atomic(self.dir(name) / "curated.jsonl", curated)
+    score_of = {s["id"]: s.get("expected_score", s["score"]) for s in scored}
+    sources.write_dataset([dict(r, score=score_of[r["id"]]) for r in curated],
+                          self.workdir / "datasets", f"curated_{t + 1}", kind="pairs")
+    unparsed = sum(s["score"] is None for s in scored)
+    return dict(candidates=len(candidates), curated=len(curated), threshold_k=c.threshold_k,
+                mode=c.curation_mode, unparsable=unparsed, **timing,
+                tokens_per_s=engine.stats.tokens_per_second, compiles=engine.stats.compiles)
+
+  def _sharded(self, name, records, work):
+    return shards.run(records, work, self.dir(name) / "shards", shard_size=self.cfg.generate.shard_size,
+                      process_index=jax.process_index(), process_count=jax.process_count(),
+                      desc=name, progress=self.progress)
+
+  # ------------------------------------------------------------------ report
+
+  def _report(self, name):
+    return report.write(self, self.workdir)
+
+  def _with_train(self, **fields):
+    cfg = self.cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.train.update(fields)
+    return cfg
+
+
+def select_stages(cfg, start: str | None, until: str | None) -> list[str]:
+  """The stages between --from and --until (inclusive); unknown names fail listing the known ones."""
+  names = stage_names(cfg)
+  for flag, value in (("--from", start), ("--until", until)):
+    if value is not None and value not in names:
+      raise ConfigError(f"{flag}={value}: unknown stage; stages of this config: {', '.join(names)}")
+  lo = names.index(start) if start else 0
+  hi = names.index(until) + 1 if until else len(names)
+  return names[lo:hi]
+
+
+def run_pipeline(cfg, workdir: Path, layout, *, start: str | None = None, until: str | None = None,
+                 progress: bool = True) -> Path:
+  """Runs (or resumes) the method; `start` forces that stage and later ones to run again."""
+  run = Run(cfg, workdir, layout, progress)
+  chosen = select_stages(cfg, start, until)
+  if start and jax.process_index() == 0:
+    for stage in stage_names(cfg)[stage_names(cfg).index(start):]:
+      shutil.rmtree(run.dir(stage), ignore_errors=True)
+  run.run(chosen)
+  return Path(workdir) / "report" / "report.md"

@@ -1,0 +1,116 @@
+"""Reads the 1-5 score out of a judge's free-text answer to the self-curation prompt.
+
+The prompt asks for `Score: <rating>` in the last line; judges, small ones especially, write
+`**Score:** 4`, `Score: 4/5`, `Rating - 4`, `Note : 4`, a bare `4` or "I would rate this a 4".
+Rules, in order:
+1. Score statements: a keyword (`score`, `rating`, or one of KEYWORDS' other languages), an
+   optional parenthesis such as "(1-5)", a separator (`:`, `=`, `-`, "is", "of"), then a number,
+   optionally "/5" or "out of 5". The LAST such statement in the text decides.
+2. Only when there is none: the last of a final line holding only a number ("4", "4/5", "**4**"),
+   "N out of 5" / "N/5" anywhere, or "rate ... N" / "give it a N".
+The deciding statement must be an integer 1..5 with no denominator or denominator 5; anything
+else (0, 6, 10, 4.5, 8/10, "4-5", "4 or 5") gives None: we never round or rescale, because a
+judge that left the scale did not answer the question asked. No score at all gives None.
+"""
+from __future__ import annotations
+
+import re
+
+# Score keywords by language; lowercase, matched case-insensitively on word boundaries.
+KEYWORDS = {
+    "en": ("score", "scores", "rating", "final rating", "grade"),
+    "fr": ("note", "évaluation", "evaluation"),
+    "de": ("bewertung", "punktzahl", "note"),
+    "es": ("puntuación", "puntuacion", "puntaje", "calificación", "calificacion", "nota"),
+    "it": ("punteggio", "voto", "valutazione"),
+    "pt": ("pontuação", "pontuacao", "nota", "avaliação", "avaliacao"),
+    "ru": ("оценка", "балл"),
+}
+# Scripts without spaces between words: matched without word boundaries.
+CJK_KEYWORDS = ("评分", "分数", "得分", "スコア", "評価", "点数", "점수", "평가")
+# Keywords that are also ordinary words ("Note: 1. The answer ..."): a number after them counts
+# only when it ends the line.
+LINE_END_ONLY = frozenset({"note", "nota", "voto", "grade"})
+
+_NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
+_MIN_SCORE, _MAX_SCORE = 1, 5
+
+_WORD_KEYWORDS = sorted({k for words in KEYWORDS.values() for k in words}, key=len, reverse=True)
+_KEYWORD = (r"(?:(?<![^\W\d_])(?P<kw>" + "|".join(map(re.escape, _WORD_KEYWORDS)) + r")(?![^\W\d_])"
+            r"|(?P<cjk>" + "|".join(map(re.escape, CJK_KEYWORDS)) + r"))")
+# A signed integer or decimal, or a number word; the sign and decimals are caught to reject them.
+_VALUE = r"(?P<value>[-+−]?\d+(?:[.,]\d+)?|" + "|".join(_NUMBER_WORDS) + r")(?![\w.,]*\d)"
+_DENOMINATOR = r"(?:\s*(?:/|\(?\s*out\s+of|sur|von|de|su|из)\s*(?P<den>\d+)\)?)?"
+# "4-5", "4 to 5", "4 or 5": the judge hedged.
+_HEDGE = r"(?P<hedge>\s*(?:[-–—]|to|or|ou|oder|o)\s*\d)?"
+_SEPARATOR = r"[ \t]*(?:\([^()\n]{0,30}\)[ \t]*)?(?:[:：=\-–—]|\bis\b|\bof\b|\best\b|\bist\b|\bes\b|\bè\b|\bé\b)?"
+_GAP = r"[ \t]*\n?[ \t]*[\[(<]?[ \t]*"
+
+_STATEMENT = re.compile(_KEYWORD + _SEPARATOR + _GAP + _VALUE + _DENOMINATOR + _HEDGE, re.IGNORECASE)
+_BARE_LINE = re.compile(r"^[\s\[(<]*(?:final\s+)?" + _VALUE + _DENOMINATOR + r"[\s\])>.!]*$",
+                        re.IGNORECASE)
+_OUT_OF_FIVE = re.compile(r"(?<![\w.,])" + _VALUE.replace("(?![\w.,]*\d)", "")
+                          + r"\s*(?:/|\(?\s*out\s+of)\s*(?P<den>5)(?!\d)", re.IGNORECASE)
+_RATE_PHRASE = re.compile(
+    r"\b(?:rate|rating|grade|score)\b[^\n\d]{0,30}?\b(?:a|an|as|at)\s+[\[(]?" + _VALUE + _DENOMINATOR
+    + r"|\bgive\b[^\n\d]{0,30}?\b(?:a|an)\s+(?:score\s+of\s+|rating\s+of\s+)?[\[(]?" + _VALUE
+    + _DENOMINATOR, re.IGNORECASE)
+_MARKUP = re.compile(r"[*_`~]+")
+
+
+def parse_score(text: str) -> int | None:
+  """The judge's 1..5 score, or None when absent, out of range or ambiguous; never raises.
+
+  See the module docstring for the rules, applied in order.
+  """
+  if not isinstance(text, str):
+    return None
+  text = _MARKUP.sub("", text)
+  statement = _last_statement(text)
+  if statement is not None:
+    return _score_of(statement)
+  fallback = _last_fallback(text)
+  return _score_of(fallback) if fallback is not None else None
+
+
+def _last_statement(text: str) -> re.Match | None:
+  last = None
+  for match in _STATEMENT.finditer(text):
+    keyword = (match.group("kw") or "").lower()
+    if keyword in LINE_END_ONLY and not _ends_line(text, match.end()):
+      continue
+    last = match
+  return last
+
+
+def _last_fallback(text: str) -> re.Match | None:
+  """The last rule-2 form in the text: a bare final line, "N out of 5" or "rate ... N"."""
+  candidates = [m for pattern in (_OUT_OF_FIVE, _RATE_PHRASE) for m in pattern.finditer(text)]
+  lines = [line for line in text.splitlines() if line.strip()]
+  if lines:
+    bare = _BARE_LINE.match(lines[-1])
+    if bare is not None:
+      return bare  # the final line is the last thing the judge wrote
+  return max(candidates, key=lambda m: m.start(), default=None)
+
+
+def _ends_line(text: str, position: int) -> bool:
+  rest = text[position:].split("\n", 1)[0]
+  return not rest.strip(" \t.!)]>")
+
+
+def _score_of(match: re.Match) -> int | None:
+  """The statement's score if it is a whole number in 1..5 out of 5, else None."""
+  groups = match.groupdict()
+  if groups.get("hedge"):
+    return None
+  if groups.get("den") is not None and groups["den"] != "5":
+    return None
+  value = groups["value"].lower()
+  if value in _NUMBER_WORDS:
+    score = _NUMBER_WORDS[value]
+  elif not value.isdigit():
+    return None  # signed or decimal
+  else:
+    score = int(value)
+  return score if _MIN_SCORE <= score <= _MAX_SCORE else None

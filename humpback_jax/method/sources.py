@@ -1,0 +1,56 @@
+"""The pipeline's inputs: seed pairs and corpus segments from the files a config names, and
+the versioned tfds datasets every artifact is also written as."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from humpback_jax.data import corpus, jsonl, seed, tfds_datasets
+from humpback_jax.errors import DataError
+
+
+def seed_pairs(cfg) -> tuple[list[dict], dict]:
+  """Seed (instruction, output) pairs per `cfg.data` (OASST trees/messages or plain JSONL) and counts."""
+  d = cfg.data
+  return seed.load_seed(d.seed_path, fmt=d.seed_format, n=d.seed_size, lang=d.seed_lang, seed=d.seed_shuffle)
+
+
+def corpus_segments(cfg) -> tuple[list[dict], dict]:
+  """Segments of the unlabeled corpus after filters and dedup, and the per-filter report."""
+  d = cfg.data
+  if d.corpus_tfds_name:
+    texts = tfds_datasets.read_text_dataset(d.corpus_tfds_name, text_field=d.corpus_text_field,
+                                            split=d.corpus_split, data_dir=d.corpus_path or None)
+    raw = [seg for i, text in enumerate(texts) for seg in corpus.segments_from_text(text, f"{d.corpus_tfds_name}-{i}")]
+  else:
+    raw = corpus.segments_from_folder(Path(d.corpus_path))
+  if not raw:
+    raise DataError(f"{d.corpus_path or d.corpus_tfds_name}: the corpus is empty (no segments found)",
+                    path=d.corpus_path, field="data.corpus_path")
+  kept, report = corpus.prepare_corpus(raw, cfg.corpus)
+  return [dataclasses.asdict(s) if dataclasses.is_dataclass(s) else dict(s) for s in kept], report
+
+
+def pretraining_texts(cfg) -> list[str]:
+  """Plain text for the toy base model's pretraining: every corpus segment (before filters) and seed answer."""
+  raw = corpus.segments_from_folder(Path(cfg.data.corpus_path))
+  texts = [f"{s.header}\n\n{s.text}" for s in raw]
+  rows, _ = seed_pairs(cfg)
+  return texts + [r["output"] for r in rows]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+  """Every record of one of our own artifact files."""
+  return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_dataset(rows: list[dict], data_dir: Path, name: str, kind: str) -> None:
+  """Writes an artifact as a versioned tfds dataset (array_record)."""
+  if kind == "pairs":
+    tfds_datasets.write_pairs_dataset(
+        [dict(id=r["id"], instruction=r["instruction"], output=r["output"], source=r.get("source", name),
+              score=r.get("score")) for r in rows], data_dir, name)
+  else:
+    tfds_datasets.write_segments_dataset(
+        [dict(id=r["id"], doc_id=r["doc_id"], header=r["header"], text=r["text"]) for r in rows], data_dir, name)

@@ -1,0 +1,99 @@
+"""Exactly-once processing of a record stream in shards: resumable, multi-host, atomic.
+
+Records are cut into fixed shards by input order (shard k = records[k*S : (k+1)*S]). A shard's
+output is written to a temp file and renamed into place only when complete, so a killed run
+leaves either a whole shard or nothing. A rerun skips finished shards; process p of P takes the
+shards with k % P == p. `merge` checks that every input id appears exactly once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from tqdm import tqdm
+
+from humpback_jax.errors import DataError
+
+
+def shard_path(out_dir: Path, k: int) -> Path:
+  """The file holding shard k's results."""
+  return Path(out_dir) / f"part-{k:05d}.jsonl"
+
+
+def pending_shards(num_records: int, shard_size: int, out_dir: Path, process_index: int = 0,
+                   process_count: int = 1) -> list[int]:
+  """Shards of this process that have no complete output file yet."""
+  num_shards = -(-num_records // shard_size)
+  return [k for k in range(num_shards)
+          if k % process_count == process_index and not shard_path(out_dir, k).exists()]
+
+
+def run(records: Sequence[dict], process: Callable[[list[dict]], list[dict]], out_dir: Path, *,
+        shard_size: int, process_index: int = 0, process_count: int = 1, desc: str = "shards",
+        progress: bool = True) -> dict:
+  """Applies `process` (a batch of records -> one result per record, same order) shard by shard.
+
+  Returns timing and counts for this process. Results must carry the input's `id`.
+  """
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  todo = pending_shards(len(records), shard_size, out_dir, process_index, process_count)
+  done_before = -(-len(records) // shard_size) - len(todo)
+  start, written = time.perf_counter(), 0
+  bar = tqdm(total=len(todo), desc=desc, unit="shard", disable=not progress, dynamic_ncols=True)
+  for k in todo:
+    batch = list(records[k * shard_size:(k + 1) * shard_size])
+    results = process(batch)
+    if [r["id"] for r in results] != [r["id"] for r in batch]:
+      raise RuntimeError(f"shard {k}: results do not match the input ids one to one")
+    write_atomic(shard_path(out_dir, k), results)
+    written += len(results)
+    bar.update(1)
+  bar.close()
+  return dict(records_written=written, shards_written=len(todo), shards_skipped=done_before,
+              seconds=time.perf_counter() - start)
+
+
+def write_atomic(path: Path, rows: Iterable[dict]) -> None:
+  """Writes JSONL to a temp file, fsyncs, then renames: readers never see a partial file."""
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+  with open(tmp, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+  """Writes one JSON document atomically (temp file, fsync, rename)."""
+  tmp = Path(path).with_name(Path(path).name + f".tmp{os.getpid()}")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, ensure_ascii=False)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def merge(out_dir: Path, expected_ids: Sequence[str]) -> list[dict]:
+  """All shard results in input order; fails naming an id that is missing or duplicated."""
+  rows, seen = [], set()
+  for path in sorted(Path(out_dir).glob("part-*.jsonl")):
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+      row = json.loads(line)
+      if row["id"] in seen:
+        raise DataError(f"{path}:{line_no}: id {row['id']!r} appears twice", path=path, line=line_no, field="id")
+      seen.add(row["id"])
+      rows.append(row)
+  missing = [i for i in expected_ids if i not in seen]
+  if missing:
+    raise DataError(f"{out_dir}: {len(missing)} ids have no result, e.g. {missing[:3]}", path=out_dir, field="id")
+  extra = seen.difference(expected_ids)
+  if extra:
+    raise DataError(f"{out_dir}: {len(extra)} results have ids not in the input, e.g. {sorted(extra)[:3]}",
+                    path=out_dir, field="id")
+  order = {i: n for n, i in enumerate(expected_ids)}
+  return sorted(rows, key=lambda r: order[r["id"]])
