@@ -1,0 +1,70 @@
+"""Sharded processing gives every input exactly once, across kills, reruns and processes."""
+import json
+
+import pytest
+
+from humpback_jax import shards
+from humpback_jax.errors import DataError
+
+
+def records(n):
+  return [dict(id=f"r{i}", x=i) for i in range(n)]
+
+
+def double(batch):
+  return [dict(id=r["id"], y=2 * r["x"]) for r in batch]
+
+
+def test_every_record_is_processed_once_in_order(tmp_path):
+  shards.run(records(23), double, tmp_path, shard_size=5, progress=False)
+  merged = shards.merge(tmp_path, [r["id"] for r in records(23)])
+  assert [r["y"] for r in merged] == [2 * i for i in range(23)]
+
+
+def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
+  calls = []
+
+  def dies_on_third_shard(batch):
+    calls.append(batch[0]["id"])
+    if len(calls) == 3:
+      raise KeyboardInterrupt  # stands in for a kill between shards
+    return double(batch)
+
+  with pytest.raises(KeyboardInterrupt):
+    shards.run(records(23), dies_on_third_shard, tmp_path, shard_size=5, progress=False)
+  assert sorted(p.name for p in tmp_path.glob("part-*.jsonl")) == ["part-00000.jsonl", "part-00001.jsonl"]
+  stats = shards.run(records(23), double, tmp_path, shard_size=5, progress=False)
+  assert (stats["shards_skipped"], stats["shards_written"]) == (2, 3)
+  assert len(shards.merge(tmp_path, [r["id"] for r in records(23)])) == 23
+
+
+def test_processes_split_shards_and_together_cover_all(tmp_path):
+  for p in range(3):
+    shards.run(records(40), double, tmp_path, shard_size=4, process_index=p, process_count=3, progress=False)
+  assert len(shards.merge(tmp_path, [r["id"] for r in records(40)])) == 40
+
+
+def test_partial_temp_files_are_never_read(tmp_path):
+  shards.run(records(10), double, tmp_path, shard_size=5, progress=False)
+  (tmp_path / "part-00002.jsonl.tmp123").write_text('{"id": "r0", "y": 0}\n')
+  assert len(shards.merge(tmp_path, [r["id"] for r in records(10)])) == 10
+
+
+def test_merge_names_a_duplicated_id(tmp_path):
+  shards.run(records(10), double, tmp_path, shard_size=5, progress=False)
+  with open(tmp_path / "part-00001.jsonl", "a") as f:
+    f.write(json.dumps(dict(id="r0", y=0)) + "\n")
+  with pytest.raises(DataError, match=r"part-00001.jsonl:6: id 'r0' appears twice"):
+    shards.merge(tmp_path, [r["id"] for r in records(10)])
+
+
+def test_merge_names_missing_ids(tmp_path):
+  shards.run(records(10), double, tmp_path, shard_size=5, progress=False)
+  (tmp_path / "part-00001.jsonl").unlink()
+  with pytest.raises(DataError, match="5 ids have no result"):
+    shards.merge(tmp_path, [r["id"] for r in records(10)])
+
+
+def test_results_must_match_inputs_one_to_one(tmp_path):
+  with pytest.raises(RuntimeError, match="shard 0: results do not match"):
+    shards.run(records(4), lambda b: double(b)[:-1], tmp_path, shard_size=4, progress=False)
