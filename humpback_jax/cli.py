@@ -5,6 +5,7 @@
   humpback generate --config=... --checkpoint=DIR --input=IN.jsonl --output=OUT_DIR
   humpback pipeline --config=configs/toy.py --workdir=runs/toy [--from=STAGE] [--until=STAGE]
   humpback eval-generate --checkpoint=DIR --prompts=alpaca_eval.json --output=model_outputs.json
+  humpback plan --config=configs/llama.py:variant=65b,mesh=fsdp --devices=64 [--device-gib=80]
 """
 from __future__ import annotations
 
@@ -129,6 +130,15 @@ def cmd_eval_generate(args, overrides):
   print(f"wrote {n} outputs to {args.output}")
 
 
+def cmd_plan(args, overrides):
+  from humpback_jax import plan
+  cfg = _config(args, overrides)
+  result = plan.plan(cfg, args.devices, device_gib=args.device_gib, mode=args.mode)
+  print(result.table())
+  if not result.fits:
+    raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The argument parser of every subcommand."""
   p = argparse.ArgumentParser(prog="humpback", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,11 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--config", default=None)
   e.add_argument("--generator", default=None)
   e.add_argument("--limit", type=int, default=None)
+  pl = sub.add_parser("plan", help="per-device memory of a job, from shapes alone; exit 1 if it does not fit")
+  pl.add_argument("--config", required=True)
+  pl.add_argument("--devices", type=int, required=True)
+  pl.add_argument("--device-gib", type=float, default=80.0)
+  pl.add_argument("--mode", choices=["train", "generate"], default="train")
   return p
 
 
 COMMANDS = {"convert": cmd_convert, "train": cmd_train, "generate": cmd_generate, "pipeline": cmd_pipeline,
-            "eval-generate": cmd_eval_generate}
+            "eval-generate": cmd_eval_generate, "plan": cmd_plan}
 
 
 def main(argv=None) -> int:
@@ -177,6 +192,9 @@ def main(argv=None) -> int:
     print(f"humpback {args.command}: unknown arguments {unknown}", file=sys.stderr)
     return 2
   try:
+    if args.command != "plan":
+      from humpback_jax import distributed
+      distributed.initialize()
     COMMANDS[args.command](args, overrides)
   except (ConfigError, DataError) as e:
     print(f"humpback {args.command}: error: {e}", file=sys.stderr)
