@@ -4,8 +4,9 @@ The prompt asks for `Score: <rating>` in the last line; judges, small ones espec
 `**Score:** 4`, `Score: 4/5`, `Rating - 4`, `Note : 4`, a bare `4` or "I would rate this a 4".
 Rules, in order:
 1. Score statements: a keyword (`score`, `rating`, or one of KEYWORDS' other languages), an
-   optional parenthesis such as "(1-5)", a separator (`:`, `=`, `-`, "is", "of"), then a number,
-   optionally "/5" or "out of 5". The LAST such statement in the text decides.
+   optional parenthesis such as "(1-5)", a separator, then a number, optionally "/5" or
+   "out of 5". The LAST statement with a punctuation separator (`:`, `=`, `-`) decides; only
+   without one, the last with a word separator or none ("is", "of": "a score of 5 needs ...").
 2. Only when there is none: the last of a final line holding only a number ("4", "4/5", "**4**"),
    "N out of 5" / "N/5" anywhere, or "rate ... N" / "give it a N".
 The deciding statement must be an integer 1..5 with no denominator or denominator 5; anything
@@ -38,23 +39,27 @@ _MIN_SCORE, _MAX_SCORE = 1, 5
 _WORD_KEYWORDS = sorted({k for words in KEYWORDS.values() for k in words}, key=len, reverse=True)
 _KEYWORD = (r"(?:(?<![^\W\d_])(?P<kw>" + "|".join(map(re.escape, _WORD_KEYWORDS)) + r")(?![^\W\d_])"
             r"|(?P<cjk>" + "|".join(map(re.escape, CJK_KEYWORDS)) + r"))")
-# A signed integer or decimal, or a number word; the sign and decimals are caught to reject them.
-_VALUE = r"(?P<value>[-+−]?\d+(?:[.,]\d+)?|" + "|".join(_NUMBER_WORDS) + r")(?![\w.,]*\d)"
-_DENOMINATOR = r"(?:\s*(?:/|\(?\s*out\s+of|sur|von|de|su|из)\s*(?P<den>\d+)\)?)?"
+# A signed integer or decimal, or a number word; sign and decimals are captured to reject them,
+# and the lookahead keeps "45" or "4.5" from being read as 4.
+_NUMBER = r"[-+−]?\d+(?:[.,]\d+)?|(?:" + "|".join(_NUMBER_WORDS) + r")\b"
+_VALUE = r"(?P<value>" + _NUMBER + r")(?![\w.,]*\d)"
+_DENOMINATOR = (r"(?:[ \t]*(?:/|\(?[ \t]*out[ \t]+of\b|\b(?:sur|von|de|su|из)\b)[ \t]*(?P<den>\d+)"
+                r"(?![\d/])\)?)?")
 # "4-5", "4 to 5", "4 or 5": the judge hedged.
-_HEDGE = r"(?P<hedge>\s*(?:[-–—]|to|or|ou|oder|o)\s*\d)?"
-_SEPARATOR = r"[ \t]*(?:\([^()\n]{0,30}\)[ \t]*)?(?:[:：=\-–—]|\bis\b|\bof\b|\best\b|\bist\b|\bes\b|\bè\b|\bé\b)?"
-_GAP = r"[ \t]*\n?[ \t]*[\[(<]?[ \t]*"
+_HEDGE = r"(?P<hedge>[ \t]*(?:[-–—]|\b(?:to|or|ou|oder|o)\b)[ \t]*\d)?"
+# Punctuation separators make a strong statement ("Score: 4"); words make a weak one
+# ("a score of 5 would need ..."), which decides only when no strong one exists.
+_SEPARATOR = (r"[ \t]*(?:\([^()\n]{0,30}\)[ \t]*)?"
+              r"(?:(?P<strong>[:：=\-–—])|\b(?:is|of|would\s+be|will\s+be|est|ist|es|è|é)\b)?")
+_GAP = r"[ \t]*\n?[ \t]*[\[(<]{0,2}[ \t]*"
 
 _STATEMENT = re.compile(_KEYWORD + _SEPARATOR + _GAP + _VALUE + _DENOMINATOR + _HEDGE, re.IGNORECASE)
-_BARE_LINE = re.compile(r"^[\s\[(<]*(?:final\s+)?" + _VALUE + _DENOMINATOR + r"[\s\])>.!]*$",
-                        re.IGNORECASE)
-_OUT_OF_FIVE = re.compile(r"(?<![\w.,])" + _VALUE.replace("(?![\w.,]*\d)", "")
-                          + r"\s*(?:/|\(?\s*out\s+of)\s*(?P<den>5)(?!\d)", re.IGNORECASE)
-_RATE_PHRASE = re.compile(
-    r"\b(?:rate|rating|grade|score)\b[^\n\d]{0,30}?\b(?:a|an|as|at)\s+[\[(]?" + _VALUE + _DENOMINATOR
-    + r"|\bgive\b[^\n\d]{0,30}?\b(?:a|an)\s+(?:score\s+of\s+|rating\s+of\s+)?[\[(]?" + _VALUE
-    + _DENOMINATOR, re.IGNORECASE)
+_BARE_LINE = re.compile(r"^[\s\[(<]*" + _VALUE + _DENOMINATOR + r"[\s\])>.!]*$", re.IGNORECASE)
+_OUT_OF_FIVE = re.compile(r"(?<![\w.,/])(?P<value>" + _NUMBER + r")[ \t]*(?:/|\(?[ \t]*out[ \t]+of)"
+                          r"[ \t]*(?P<den>5)(?![\d/])", re.IGNORECASE)
+_RATE_PHRASE = re.compile(r"\brated?\b[^\n\d]{0,30}?[\[(]?" + _VALUE + _DENOMINATOR, re.IGNORECASE)
+_GIVE_PHRASE = re.compile(r"\bgive\b[^\n\d]{0,30}?\b(?:a|an)[ \t]+[\[(]?" + _VALUE + _DENOMINATOR,
+                          re.IGNORECASE)
 _MARKUP = re.compile(r"[*_`~]+")
 
 
@@ -74,24 +79,24 @@ def parse_score(text: str) -> int | None:
 
 
 def _last_statement(text: str) -> re.Match | None:
-  last = None
+  """The last strong score statement, else the last weak one, else None."""
+  last = {True: None, False: None}
   for match in _STATEMENT.finditer(text):
     keyword = (match.group("kw") or "").lower()
     if keyword in LINE_END_ONLY and not _ends_line(text, match.end()):
       continue
-    last = match
-  return last
+    last[match.group("strong") is not None] = match
+  return last[True] or last[False]
 
 
 def _last_fallback(text: str) -> re.Match | None:
   """The last rule-2 form in the text: a bare final line, "N out of 5" or "rate ... N"."""
-  candidates = [m for pattern in (_OUT_OF_FIVE, _RATE_PHRASE) for m in pattern.finditer(text)]
   lines = [line for line in text.splitlines() if line.strip()]
-  if lines:
-    bare = _BARE_LINE.match(lines[-1])
-    if bare is not None:
-      return bare  # the final line is the last thing the judge wrote
-  return max(candidates, key=lambda m: m.start(), default=None)
+  bare = _BARE_LINE.match(lines[-1]) if lines else None
+  if bare is not None:
+    return bare  # the final line is the last thing the judge wrote
+  phrases = [m for p in (_OUT_OF_FIVE, _RATE_PHRASE, _GIVE_PHRASE) for m in p.finditer(text)]
+  return max(phrases, key=lambda m: m.start(), default=None)
 
 
 def _ends_line(text: str, position: int) -> bool:

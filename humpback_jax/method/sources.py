@@ -35,7 +35,7 @@ def corpus_segments(cfg) -> tuple[list[dict], dict]:
 def pretraining_texts(cfg) -> list[str]:
   """Plain text for the toy base model's pretraining: every corpus segment (before filters) and seed answer."""
   raw = corpus.segments_from_folder(Path(cfg.data.corpus_path))
-  texts = [f"{s.header}\n\n{s.text}" for s in raw]
+  texts = [f"{s.header}\n\n{s.text}" if s.header else s.text for s in raw]
   rows, _ = seed_pairs(cfg)
   return texts + [r["output"] for r in rows]
 
@@ -53,4 +53,5 @@ def write_dataset(rows: list[dict], data_dir: Path, name: str, kind: str) -> Non
               score=r.get("score")) for r in rows], data_dir, name)
   else:
     tfds_datasets.write_segments_dataset(
-        [dict(id=r["id"], doc_id=r["doc_id"], header=r["header"], text=r["text"]) for r in rows], data_dir, name)
+        [dict(id=r["id"], doc_id=r["doc_id"], header=r.get("header") or "", text=r["text"]) for r in rows],
+        data_dir, name)

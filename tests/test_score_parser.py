@@ -1,0 +1,98 @@
+"""parse_score: what a judge wrote -> the 1..5 score it gave, or None when it gave none we can trust."""
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from humpback_jax.method.score_parser import parse_score
+
+REASONING = ("The answer addresses the user's question directly and is well organised. "
+             "It could be more concise.")
+
+JUDGE_OUTPUTS = [
+    # The format the prompt asks for, and small deviations from it.
+    (f"{REASONING}\nScore: 4", 4),
+    (f"{REASONING}\n\nScore: 5\n", 5),
+    (f"{REASONING}\nScore:4.", 4),
+    (f"{REASONING}\nscore: 2", 2),
+    (f"{REASONING}\nSCORE: 3", 3),
+    (f"{REASONING}\nScore = 1", 1),
+    (f"{REASONING}\nscore - 4", 4),
+    (f"{REASONING}\nScore: 4/5", 4),
+    (f"{REASONING}\nScore: 5 / 5", 5),
+    (f"{REASONING}\nScore: 3 out of 5", 3),
+    (f"{REASONING}\nScore: [4]", 4),
+    (f"{REASONING}\nScore:\n4", 4),
+    (f"{REASONING}\nScore (1-5): 2", 2),
+    (f"{REASONING}\nFinal score: 5", 5),
+    (f"{REASONING}\nRating: 3", 3),
+    (f"{REASONING}\nScore: four", 4),
+    # Markdown.
+    (f"{REASONING}\n**Score:** 5", 5),
+    (f"{REASONING}\n**Score: 4**", 4),
+    (f"{REASONING}\nScore: **3**", 3),
+    (f"### Reasoning\n{REASONING}\n\n### Score: 4", 4),
+    (f"{REASONING}\n`Score: 2`", 2),
+    # Text after the score.
+    (f"{REASONING}\nScore: 4 - a clear answer with minor room for improvement.", 4),
+    (f"Score: 3\n\nThe answer reads like an excerpt from a blog post.", 3),
+    (f"{REASONING}\nScore: 4\nNote: 1. The answer could cite sources.", 4),
+    # Several scores: the last statement decides.
+    ("Score: 2\nOn reflection the answer is complete.\nScore: 4", 4),
+    ("A score of 5 requires expert knowledge, which this lacks.\nScore: 3", 3),
+    ("Score: 3. A score of 5 would need more depth.", 3),
+    ("The answer mentions a score: 5 in passing but overall it is weak.\nScore: 2", 2),
+    ("Write \"Score: <rating>\" in the last line.\nScore: 4", 4),
+    # Other languages.
+    ("La réponse est claire et complète.\nNote : 4", 4),
+    ("Die Antwort ist hilfreich.\nBewertung: 3", 3),
+    ("La respuesta es completa.\nPuntuación: 5", 5),
+    ("La risposta è utile.\nPunteggio: 2", 2),
+    ("回答很清楚。\n评分：4", 4),
+    ("Ответ полный.\nОценка: 5", 5),
+    # Other clear forms, used only when there is no score statement.
+    (f"{REASONING}\n4", 4),
+    (f"{REASONING}\n**5**", 5),
+    (f"{REASONING}\n4/5", 4),
+    (f"{REASONING} I would rate this a 4.", 4),
+    (f"{REASONING} Overall, 3 out of 5.", 3),
+    (f"{REASONING} I'd give it a 5.", 5),
+    # Off the 1..5 scale, or not a whole number: the judge did not answer the question asked.
+    (f"{REASONING}\nScore: 0", None),
+    (f"{REASONING}\nScore: 6", None),
+    (f"{REASONING}\nScore: 10", None),
+    (f"{REASONING}\nScore: 8/10", None),
+    (f"{REASONING}\nScore: 4.5", None),
+    (f"{REASONING}\nScore: -1", None),
+    (f"{REASONING}\nScore: 45", None),
+    ("Score: 4\nOn a 10-point scale:\nScore: 9", None),
+    # Hedged between two scores.
+    (f"{REASONING}\nScore: 4-5", None),
+    (f"{REASONING}\nScore: 3 or 4", None),
+    # No score at all.
+    ("", None),
+    ("   \n\n  ", None),
+    (REASONING, None),
+    (f"{REASONING}\nScore: <rating>", None),
+    ("The list has 3 items and covers 2 topics.", None),
+    ("Note: the answer has 5 paragraphs and is well written.", None),
+]
+
+
+@pytest.mark.parametrize("judge_output, expected", JUDGE_OUTPUTS)
+def test_parse_score_reads_judge_outputs(judge_output, expected):
+  assert parse_score(judge_output) == expected
+
+
+def test_non_string_input_gives_none():
+  assert parse_score(None) is None
+
+
+@settings(max_examples=200)
+@given(st.text())
+def test_parse_score_never_raises_and_stays_on_scale(text):
+  assert parse_score(text) in (None, 1, 2, 3, 4, 5)
+
+
+@settings(max_examples=200)
+@given(st.text(), st.integers(min_value=1, max_value=5))
+def test_a_final_score_line_wins_over_any_text_before_it(reasoning, score):
+  assert parse_score(f"{reasoning}\nScore: {score}") == score
