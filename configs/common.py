@@ -160,7 +160,7 @@ def pipeline_config(**overrides) -> ml_collections.ConfigDict:
 def corpus_config(**overrides) -> ml_collections.ConfigDict:
   """Corpus filters: METHOD.md's later report (600-3,000 chars, headers, repeated sentences)."""
   cfg = ml_collections.ConfigDict(dict(
-      min_chars=600, max_chars=3000, header_capital_share=0.5, max_repeated_sentence_share=0.3,
+      min_chars=600, max_chars=3000, header_capital_share=0.5, max_repeated_sentence_share=0.0,
       near_dup_threshold=0.8, num_perm=128, bands=16))
   cfg.update(overrides)
   return cfg

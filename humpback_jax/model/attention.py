@@ -37,6 +37,8 @@ def dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask, impl: str = "xla"):
 
 def _grouped_attention(q, k, v, mask):
   """Plain-XLA GQA without repeating K/V: heads are folded as [kv_heads, group]."""
+  if q.shape[1] == 1:
+    return _single_query_attention(q, k, v, mask)
   b, t, n, d = q.shape
   kv = k.shape[2]
   q = q.reshape(b, t, kv, n // kv, d)
@@ -46,3 +48,20 @@ def _grouped_attention(q, k, v, mask):
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
   return out.reshape(b, t, n, d)
+
+
+def _single_query_attention(q, k, v, mask):
+  """One query per row (decoding) as multiply-and-reduce fusions over the cache as stored.
+
+  XLA:CPU's batched dot needs its batch dims (batch, kv_heads) outermost, so the einsum form
+  transposes the whole [b, s, kv_heads, d] cache twice per layer and step; this form reads it once.
+  """
+  b, _, n, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, 1, kv, n // kv, d).astype(jnp.float32)
+  logits = jnp.sum(k[:, :, :, None, :].astype(jnp.float32) * q, axis=-1)  # [b, s, kv, group]
+  logits = logits * (1.0 / jnp.sqrt(jnp.float32(d)))
+  logits = jnp.where(mask[:, 0, 0, :, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=1)
+  out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)  # [b, kv, group, d]
+  return out.reshape(b, 1, n, d).astype(v.dtype)
