@@ -146,7 +146,7 @@ def build_step(cfg, layout: sharding.Layout, optimizer, *, micro_batches: int = 
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_state = dict(step=state["step"] + 1, params=optax.apply_updates(params, updates),
                      opt_state=opt_state)
-    metrics = dict(loss=nll / count, grad_norm=optax.global_norm(grads), target_tokens=count,
+    metrics = dict(loss=nll / count, grad_norm=optax.tree.norm(grads), target_tokens=count,
                    tokens=jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32))
     return new_state, metrics
 
