@@ -6,6 +6,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
+
 from humpback_jax.data import corpus, jsonl, seed, tfds_datasets
 from humpback_jax.errors import DataError
 
@@ -46,12 +48,17 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def write_dataset(rows: list[dict], data_dir: Path, name: str, kind: str) -> None:
-  """Writes an artifact as a versioned tfds dataset (array_record)."""
+  """Writes an artifact as a versioned tfds dataset (array_record), from process 0 only.
+
+  A stage that runs again (after --from) rewrites its own version in place.
+  """
+  if jax.process_index() != 0:
+    return
   if kind == "pairs":
     tfds_datasets.write_pairs_dataset(
         [dict(id=r["id"], instruction=r["instruction"], output=r["output"], source=r.get("source", name),
-              score=r.get("score")) for r in rows], data_dir, name)
+              score=r.get("score")) for r in rows], data_dir, name, overwrite=True)
   else:
     tfds_datasets.write_segments_dataset(
         [dict(id=r["id"], doc_id=r["doc_id"], header=r.get("header") or "", text=r["text"]) for r in rows],
-        data_dir, name)
+        data_dir, name, overwrite=True)
