@@ -104,3 +104,30 @@ def test_no_weight_decay_on_norm_scales():
   updates, _ = jax.jit(lambda g, p: opt.update(g, opt.init(p), p))(zero_grads, params)
   assert float(np.abs(updates["final_norm"]["scale"]).max()) == 0.0
   assert float(np.abs(updates["layers"][0]["mlp"]["up"]).max()) > 0.0
+
+
+def test_packed_batch_gives_the_same_per_example_losses_as_unpacked():
+  from humpback_jax.data import sft
+  cfg = tiny_config()
+  params = build.init_params(cfg, layout(), seed=0)
+  rng = np.random.RandomState(4)
+  examples = []
+  for n in (9, 17, 5, 30, 12, 21):
+    tokens = rng.randint(3, 128, n).astype(np.int32)
+    mask = np.arange(n) >= n // 3  # the last two thirds are "output"
+    examples.append((tokens, mask))
+  alone = {}
+  for tokens, mask in examples:
+    (batch,) = list(sft.pack([(tokens, mask)], seq_len=32, batch_size=1))
+    alone[tokens.tobytes()] = float(train.per_example_nll(cfg, params, batch)[0, 1])
+  packed = {}
+  for batch in sft.pack(examples, seq_len=32, batch_size=4):
+    nll = np.asarray(train.per_example_nll(cfg, params, batch))
+    for row in range(batch["tokens"].shape[0]):
+      for seg in set(batch["segment_ids"][row].tolist()) - {0}:
+        tokens = batch["tokens"][row][batch["segment_ids"][row] == seg]
+        packed[tokens.tobytes()] = float(nll[row, seg])
+  assert max(int(np.max(b["segment_ids"])) for b in sft.pack(examples, 32, 4)) > 1, "nothing was packed"
+  assert packed.keys() == alone.keys()
+  for key in alone:
+    assert packed[key] == pytest.approx(alone[key], rel=1e-5)
