@@ -69,7 +69,7 @@ def run(model_cfg, train_cfg, layout: sharding.Layout, loader, init_params, work
   manager = checkpoint_manager(workdir, train_cfg.checkpoint_every, train_cfg.keep_checkpoints)
   state, start = _restore_or_init(manager, fns, loader, init_params)
   log = metrics_log.MetricsLog(workdir)
-  bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress,
+  bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress or jax.process_index() != 0,
              dynamic_ncols=True)
   window_tokens, window_start = 0.0, time.perf_counter()
   last_loss = float("nan")

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from humpback_jax import sharding
 from humpback_jax.errors import DataError
@@ -28,9 +29,11 @@ def save(path: Path, params, model_cfg, *, tokenizer_file: Path | None = None,
   """Writes params (orbax), the model config and the tokenizer; the folder appears complete or not at all."""
   path = Path(path).absolute()
   tmp = path.with_name(path.name + ".partial")
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  tmp.mkdir(parents=True)
+  if jax.process_index() == 0:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+  multihost_utils.sync_global_devices(f"model_dir.save:start:{path}")
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp / "params", params)
   checkpointer.wait_until_finished()
@@ -44,6 +47,7 @@ def save(path: Path, params, model_cfg, *, tokenizer_file: Path | None = None,
     if path.exists():
       shutil.rmtree(path)
     tmp.rename(path)
+  multihost_utils.sync_global_devices(f"model_dir.save:done:{path}")
 
 
 def read_meta(path: Path) -> dict:
