@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from humpback_jax import tokenizer
 from humpback_jax.config import model_config
 from humpback_jax.errors import ConfigError
 
 LLAMA2_INST = "[INST] {instruction} [/INST]"
-CHATML = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+CHATML = tokenizer.CHATML  # SmolLM2's: its template adds a default system turn
 
 
 def _llama1(dim, layers, heads, mlp):

@@ -107,7 +107,7 @@ class Model:
     """Completions for text prompts (chat template applied when `chat`), new text only."""
     from humpback_jax import generate
     tok = self._tokenizer()
-    ids = [tok.encode(self.render(p) if chat else p, add_bos=True) for p in prompts]
+    ids = [tok.encode_prompt(self.render(p) if chat else p) for p in prompts]
     sampling = generate.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                                        max_new_tokens=max_new_tokens, seed=seed)
     outs = self.engine.generate_ids(ids, sampling, eos_ids=[tok.eos_id])
@@ -116,7 +116,7 @@ class Model:
   def score(self, prompts: Sequence[str], continuations: Sequence[str], *, chat: bool = True) -> np.ndarray:
     """log p(continuation | prompt) summed over the continuation's tokens, per pair."""
     tok = self._tokenizer()
-    p_ids = [tok.encode(self.render(p) if chat else p, add_bos=True) for p in prompts]
+    p_ids = [tok.encode_prompt(self.render(p) if chat else p) for p in prompts]
     c_ids = [tok.encode(c) for c in continuations]
     return self.engine.loglikelihood(p_ids, c_ids)
 

@@ -100,7 +100,7 @@ def cmd_generate(args, overrides):
 
   def work(batch):
     texts = [model.render(r[args.field]) if args.chat else r[args.field] for r in batch]
-    outs = engine.generate_ids([tok.encode(t, add_bos=True) for t in texts], sampling,
+    outs = engine.generate_ids([tok.encode_prompt(t) for t in texts], sampling,
                                eos_ids=[tok.eos_id], index_offset=offsets[batch[0]["id"]])
     return [dict(id=r["id"], output=tok.decode(o) if o is not None else None) for r, o in zip(batch, outs)]
 

@@ -66,7 +66,7 @@ def tokenize_example(tokenizer, instruction: str, output: str, *, template: str,
   if not output.strip():
     stats.empty_output_skipped += 1
     return None
-  bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", True) and tokenizer.bos_id is not None else []
   prompt = tokenizer.encode(render_chat(template, tagged_instruction(instruction, tags)))
   target = tokenizer.encode(output) + [tokenizer.eos_id]
   if seq_len is not None and len(bos) + len(prompt) + len(target) > seq_len:

@@ -23,7 +23,7 @@ def augment(engine, tokenizer, cfg, segments: list[dict], index_offset: int) -> 
 
   An empty or skipped generation keeps the row with instruction None, so it is counted, not lost.
   """
-  ids = [tokenizer.encode(backward_user_turn(cfg, s["text"]), add_bos=True) for s in segments]
+  ids = [tokenizer.encode_prompt(backward_user_turn(cfg, s["text"])) for s in segments]
   outs = engine.generate_ids(ids, sampling(cfg), eos_ids=[tokenizer.eos_id], index_offset=index_offset)
   rows = []
   for seg, out in zip(segments, outs):

@@ -26,7 +26,7 @@ def judge_turn(cfg, instruction: str, response: str) -> str:
 def score_candidates_by_generation(engine, tokenizer, cfg, rows: list[dict], index_offset: int) -> list[dict]:
   """Paper mode: judge text + parsed score (None when unparsable) per candidate."""
   c = cfg.pipeline
-  ids = [tokenizer.encode(judge_turn(cfg, r["instruction"], r["output"]), add_bos=True) for r in rows]
+  ids = [tokenizer.encode_prompt(judge_turn(cfg, r["instruction"], r["output"])) for r in rows]
   sampling = generate.SamplingParams(temperature=c.judge_temperature, top_p=cfg.generate.top_p, top_k=0,
                                      max_new_tokens=c.judge_max_new_tokens, seed=cfg.generate.seed)
   outs = engine.generate_ids(ids, sampling, eos_ids=[tokenizer.eos_id], index_offset=index_offset)
@@ -43,7 +43,7 @@ def score_prompt_and_candidates(tokenizer, prompt_text: str) -> tuple[list[int],
   Tokenizer-agnostic: encode "...Score: d" for each digit, keep the longest shared prefix as
   the prompt; the token after it must differ per digit.
   """
-  full = [tokenizer.encode(f"{prompt_text}Score: {d}", add_bos=True) for d in SCORES]
+  full = [tokenizer.encode_prompt(f"{prompt_text}Score: {d}") for d in SCORES]
   n = 0
   while all(len(f) > n for f in full) and len({f[n] for f in full}) == 1:
     n += 1

@@ -42,7 +42,7 @@ def lm_examples(tokenizer, texts: Sequence[str], seq_len: int):
   """Pretraining examples: each text as bos + tokens + eos, cut into pieces of `seq_len`, loss everywhere."""
   examples = []
   for text in texts:
-    ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None, add_eos=True)
+    ids = tokenizer.encode_prompt(text) + [tokenizer.eos_id]
     for start in range(0, len(ids) - 1, seq_len):
       piece = np.asarray(ids[start:start + seq_len], np.int32)
       if len(piece) > 1:

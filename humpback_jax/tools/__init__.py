@@ -1,0 +1,1 @@
+"""Developer tools that (re)build the assets shipped in `humpback_jax/assets/`."""
