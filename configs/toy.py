@@ -3,7 +3,9 @@
 A ~1.3M-parameter LLaMA is pretrained from scratch on the toy corpus (stage `pretrain`), then
 the method runs as in the paper with small step counts. Runs on 2 CPU cores in minutes:
   humpback pipeline --config=configs/toy.py --workdir=runs/toy
-Variants: `configs/toy.py:curation=expected` uses the expected-score judge.
+The toy judge (a 1M-parameter model) cannot write "Score: N", so the toy run curates with the
+expected-score judge; `configs/toy.py:curation=generate` runs the paper-faithful parser instead
+(expect every output counted as unparsable and an empty curated set).
 """
 from importlib import resources
 
@@ -15,7 +17,7 @@ ASSETS = resources.files("humpback_jax") / "assets" / "toy"
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, curation="generate", mesh="single")
+  arg = common.parse_arg(arg, curation="expected", mesh="single")
   config = ml_collections.ConfigDict()
   config.model = common.model_preset("toy")
   config.mesh = common.mesh_preset(arg.mesh)
@@ -25,14 +27,14 @@ def get_config(arg=None):
   config.data = common.data_config(seed_path=str(ASSETS / "seed.jsonl"), corpus_path=str(ASSETS / "corpus"))
   config.corpus = common.corpus_config()
   # Toy-only: the from-scratch base model. The paper starts from a pretrained LLaMA instead.
-  config.pretrain = ml_collections.ConfigDict(dict(steps=300, batch_size=16, learning_rate=3e-3,
+  config.pretrain = ml_collections.ConfigDict(dict(steps=300, batch_size=16, seq_len=256, learning_rate=3e-3,
                                                    end_learning_rate=3e-4, warmup_steps=20, schedule="cosine"))
   # The paper's recipe, with a learning rate a from-scratch 1M model can move with and few steps.
-  config.train = common.train_config(learning_rate=1e-3, end_learning_rate=9e-4, steps=60, seq_len=1024,
+  config.train = common.train_config(learning_rate=1e-3, end_learning_rate=9e-4, steps=60, seq_len=512,
                                      small_data_batch_size=8, checkpoint_every=20, log_every=10,
                                      peak_flops=190e9)
   config.generate = common.generate_config(max_new_tokens=48, batch_size=16, prompt_buckets=(256, 512, 1024, 2048),
                                            shard_size=32)
   config.pipeline = common.pipeline_config(curation_mode=arg.curation, judge_max_new_tokens=24,
-                                           threshold_k=4.0)
+                                           threshold_k=3.0)
   return config

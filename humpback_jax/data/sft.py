@@ -54,6 +54,10 @@ class TokenizeStats:
     """Examples that came out (possibly truncated)."""
     return self.examples - self.empty_output_skipped - self.dropped_too_long
 
+  def as_dict(self) -> dict:
+    """The counts, for manifests and run summaries."""
+    return dict(dataclasses.asdict(self), kept=self.kept)
+
 
 def tokenize_example(tokenizer, instruction: str, output: str, *, template: str, tags: Sequence[str] = (),
                      seq_len: int | None = None, stats: TokenizeStats | None = None) -> Example | None:

@@ -105,10 +105,11 @@ class Run:
 
   def _pretrain(self, name):
     texts = sources.pretraining_texts(self.cfg)
-    examples = finetune.lm_examples(self.tokenizer, texts, self.cfg.train.seq_len)
     p = self.cfg.pretrain
+    examples = finetune.lm_examples(self.tokenizer, texts, p.seq_len)
     cfg = self._with_train(learning_rate=p.learning_rate, end_learning_rate=p.end_learning_rate,
-                           warmup_steps=p.warmup_steps, schedule=p.schedule, dropout_rate=0.0)
+                           warmup_steps=p.warmup_steps, schedule=p.schedule, dropout_rate=0.0,
+                           seq_len=p.seq_len)
     init = lambda: build.init_params(self.cfg.model, self.layout, seed=self.cfg.train.seed)
     return finetune.run(cfg, self.layout, self.tokenizer, examples, init_params=init,
                         workdir=self.dir(name), steps=p.steps, batch_size=p.batch_size,
@@ -139,7 +140,7 @@ class Run:
     summary = finetune.run(self.cfg, self.layout, self.tokenizer, examples, init_params=init_params,
                            workdir=self.dir(name), steps=steps, batch_size=batch,
                            tokenizer_file=self.tokenizer_path, progress=self.progress)
-    return dict(pairs=len(pairs), **stats.as_dict(), **summary)
+    return dict(pairs=len(pairs), tokenize=stats.as_dict(), **summary)
 
   def _base_params(self):
     if self.cfg.base.checkpoint:

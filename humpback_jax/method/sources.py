@@ -52,7 +52,7 @@ def write_dataset(rows: list[dict], data_dir: Path, name: str, kind: str) -> Non
 
   A stage that runs again (after --from) rewrites its own version in place.
   """
-  if jax.process_index() != 0:
+  if jax.process_index() != 0 or not rows:  # tfds cannot hold an empty split; the JSONL artifact can
     return
   if kind == "pairs":
     tfds_datasets.write_pairs_dataset(

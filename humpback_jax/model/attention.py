@@ -53,8 +53,8 @@ def _grouped_attention(q, k, v, mask):
 def _single_query_attention(q, k, v, mask):
   """One query per row (decoding) as multiply-and-reduce fusions over the cache as stored.
 
-  XLA:CPU's batched dot needs its batch dims (batch, kv_heads) outermost, so the einsum form
-  transposes the whole [b, s, kv_heads, d] cache twice per layer and step; this form reads it once.
+  XLA:CPU's batched dot wants its batch dims (batch, kv_heads) outermost, so the einsum form
+  copies the whole [b, s, kv_heads, d] cache twice per layer and step; this form reads it once.
   """
   b, _, n, d = q.shape
   kv = k.shape[2]
