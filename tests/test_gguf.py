@@ -152,3 +152,20 @@ def test_llama3_rope_scaling_is_read_from_rope_freqs(tmp_path):
   scaling = gguf_ckpt.read_config(path).rope_scaling
   assert (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor) == (8.0, 1.0, 4.0)
   assert scaling.original_max_position_embeddings == 8192
+
+
+def test_load_then_greedy_chat_matches_transformers_generate(gguf_path, reader, reference):
+  """`humpback_jax.load(gguf)` + greedy decoding of a chat prompt gives transformers' tokens."""
+  import torch
+  import humpback_jax
+  hf_model, hf_tokenizer = reference
+  model = humpback_jax.load(gguf_path)
+  question = "What is the capital of France? Answer in one sentence."
+  ours = model.generate([question], max_new_tokens=16, temperature=0.0)[0]
+  chat = hf_tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                          return_dict=False)
+  with torch.no_grad():
+    out = hf_model.generate(torch.tensor([chat]), max_new_tokens=16, do_sample=False)
+  theirs = hf_tokenizer.decode(out[0, len(chat):], skip_special_tokens=True)
+  assert ours.strip() == theirs.strip()
+  assert "Paris" in ours
