@@ -51,15 +51,18 @@ def _grouped_attention(q, k, v, mask):
 
 
 def _single_query_attention(q, k, v, mask):
-  """One query per row (decoding) as multiply-and-reduce fusions over the cache as stored.
+  """One query per row (decoding); the value side is a multiply-and-reduce over the cache as stored.
 
   XLA:CPU's batched dot wants its batch dims (batch, kv_heads) outermost, so the einsum form
-  copies the whole [b, s, kv_heads, d] cache twice per layer and step; this form reads it once.
+  copies the [b, s, kv_heads, d] cache per layer and step; probs @ V avoids that copy of V.
+  q @ K must stay a dot: jaxlib 0.10.2's XLA:CPU `__ynn_fusion` miscompiles the equivalent
+  broadcast-multiply-reduce when a device holds one row (b == 1) and head_dim >= 32 (garbage
+  logits, e.g. SmolLM2 with batch_size 1 or batch_size == device count).
   """
   b, _, n, d = q.shape
   kv = k.shape[2]
-  q = q.reshape(b, 1, kv, n // kv, d).astype(jnp.float32)
-  logits = jnp.sum(k[:, :, :, None, :].astype(jnp.float32) * q, axis=-1)  # [b, s, kv, group]
+  q = q.reshape(b, kv, n // kv, d)
+  logits = jnp.einsum("bkgd,bskd->bskg", q, k, preferred_element_type=jnp.float32)  # [b, s, kv, group]
   logits = logits * (1.0 / jnp.sqrt(jnp.float32(d)))
   logits = jnp.where(mask[:, 0, 0, :, None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=1)
