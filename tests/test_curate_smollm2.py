@@ -10,7 +10,7 @@ from humpback_jax import api, generate
 from humpback_jax.assets_fetch import smollm2_gguf_path
 from humpback_jax.method import curate
 
-pytestmark = pytest.mark.smollm2
+pytestmark = [pytest.mark.smollm2, pytest.mark.slow]  # ~150 s on 2 cores: full run only
 SEED = Path(__file__).resolve().parents[1] / "humpback_jax" / "assets" / "toy" / "seed.jsonl"
 N = 8
 

@@ -41,6 +41,7 @@ def smollm2():
 
 
 @pytest.mark.smollm2
+@pytest.mark.slow  # ~70 s on 2 cores: full run only
 def test_next_token_probs_do_not_depend_on_batch_size(smollm2):
   model, tok = smollm2, smollm2.tokenizer
   ids = [tok.encode_prompt(t) for t in PROMPTS]

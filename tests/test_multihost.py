@@ -4,6 +4,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from humpback_jax.metrics_log import read_metrics
 
@@ -16,6 +17,7 @@ def losses(workdir):
   return np.array([r["loss"] for r in read_metrics(Path(workdir) / "metrics.jsonl")])
 
 
+@pytest.mark.slow  # ~100 s on 2 cores: full run only (bash launch/setup_and_test.sh -m slow)
 def test_two_processes_give_the_single_process_losses(tmp_path):
   env = dict(os.environ, HUMPBACK_LOG_DIR=str(tmp_path / "logs"), HUMPBACK_DEVICES_PER_PROCESS="4")
   multi = subprocess.run(["launch/local_cpu.sh", "2", *TRAIN, f"--workdir={tmp_path / 'multi'}"], cwd=ROOT,
