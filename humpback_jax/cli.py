@@ -183,6 +183,16 @@ COMMANDS = {"convert": cmd_convert, "train": cmd_train, "generate": cmd_generate
             "eval-generate": cmd_eval_generate, "plan": cmd_plan}
 
 
+def _shutdown_together() -> None:
+  """Multi-process runs meet at a barrier before shutting down, so a slower process never trips
+  the coordination service's shutdown timeout."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("humpback:end")
+    jax.distributed.shutdown()
+
+
 def main(argv=None) -> int:
   """Entry point of the `humpback` console command."""
   args, rest = build_parser().parse_known_args(argv)
@@ -196,6 +206,7 @@ def main(argv=None) -> int:
       from humpback_jax import distributed
       distributed.initialize()
     COMMANDS[args.command](args, overrides)
+    _shutdown_together()
   except (ConfigError, DataError) as e:
     print(f"humpback {args.command}: error: {e}", file=sys.stderr)
     return 2
