@@ -57,6 +57,11 @@ def engine(folder, cfg):
 
 
 @pytest.fixture(scope="module")
+def engine_batch1(folder, cfg):
+  return make_engine(folder, cfg, batch_size=1)
+
+
+@pytest.fixture(scope="module")
 def prompts(cfg):
   rng = np.random.default_rng(0)
   return [rng.integers(3, cfg.vocab_size, n).tolist() for n in (3, 7, 12, 20)]
@@ -75,9 +80,8 @@ def test_greedy_equals_transformers_generate(hf_model, prompts, greedy):
     assert ours == out[0, len(prompt):].tolist()
 
 
-def test_batched_results_equal_one_at_a_time(folder, cfg, prompts, greedy):
-  alone = make_engine(folder, cfg, batch_size=1)
-  assert alone.generate_ids(prompts, GREEDY, max_new_tokens=NEW) == greedy
+def test_batched_results_equal_one_at_a_time(engine_batch1, prompts, greedy):
+  assert engine_batch1.generate_ids(prompts, GREEDY, max_new_tokens=NEW) == greedy
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (1, 4, 2)], ids=["data", "fsdp_x_tensor"])
@@ -92,11 +96,11 @@ def test_sampling_with_a_seed_is_reproducible(engine, prompts):
   assert engine.generate_ids(prompts, SamplingParams(temperature=1.0, seed=4), max_new_tokens=NEW) != first
 
 
-def test_a_rows_sample_does_not_depend_on_its_batch(engine, prompts):
+def test_a_rows_sample_does_not_depend_on_its_batch(engine, engine_batch1, prompts):
   together = engine.generate_ids(prompts, SAMPLED, max_new_tokens=NEW)
-  alone = [engine.generate_ids([p], SAMPLED, max_new_tokens=NEW, index_offset=i)[0]
-           for i, p in enumerate(prompts)]
-  assert alone == together
+  assert engine_batch1.generate_ids(prompts, SAMPLED, max_new_tokens=NEW) == together
+  shard = engine_batch1.generate_ids(prompts[2:], SAMPLED, max_new_tokens=NEW, index_offset=2)
+  assert shard == together[2:]  # resuming at prompt 2 reproduces its samples
 
 
 def test_changing_sampling_knobs_does_not_recompile(engine, prompts, greedy):
@@ -166,14 +170,16 @@ def test_loglikelihood_equals_log_softmax_of_forward_and_transformers(engine, hf
   rng = np.random.default_rng(1)
   conts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (4, 1, 9, 5)]
   ours = engine.loglikelihood(prompts, conts)
-  for p, c, got in zip(prompts, conts, ours):
-    seq = np.asarray([p + c])
-    ref_hf = torch.log_softmax(torch.as_tensor(hf_logits(hf_model, seq)[0]), -1).numpy()
-    logits, _ = build.forward(cfg, engine.params, jnp.asarray(seq))
-    ref_ours = np.asarray(jax.nn.log_softmax(logits[0], -1))
+  batch = np.zeros((len(prompts), 32), np.int32)  # right padding: causal, so real positions are exact
+  for r, (p, c) in enumerate(zip(prompts, conts)):
+    batch[r, :len(p) + len(c)] = p + c
+  logits, _ = jax.jit(lambda params, tokens: build.forward(cfg, params, tokens))(engine.params, batch)
+  ref_ours = np.asarray(jax.nn.log_softmax(logits, -1))
+  for r, (p, c, got) in enumerate(zip(prompts, conts, ours)):
+    ref_hf = torch.log_softmax(torch.as_tensor(hf_logits(hf_model, [p + c])[0]), -1).numpy()
     at = np.arange(len(p) - 1, len(p) + len(c) - 1)  # logits at i predict token i + 1
     np.testing.assert_allclose(got, ref_hf[at, c].sum(), rtol=1e-4)
-    np.testing.assert_allclose(got, ref_ours[at, c].sum(), rtol=1e-5)
+    np.testing.assert_allclose(got, ref_ours[r, at, c].sum(), rtol=1e-5)
 
 
 def test_next_token_probs_equal_softmax_of_transformers_last_logits(engine, hf_model, prompts):
