@@ -36,18 +36,25 @@ def dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask, impl: str = "xla"):
 
 
 def _grouped_attention(q, k, v, mask):
-  """Plain-XLA GQA without repeating K/V: heads are folded as [kv_heads, group]."""
+  """Plain-XLA GQA without repeating K/V, heads-major inside: [b, kv_heads, group * t, d].
+
+  With (batch, kv_heads) outermost and the contraction last, both batched matmuls and their
+  gradients are the row-major GEMMs XLA:CPU wants; the only transposes are of q/k/v and the output.
+  """
   if q.shape[1] == 1:
     return _single_query_attention(q, k, v, mask)
   b, t, n, d = q.shape
-  kv = k.shape[2]
-  q = q.reshape(b, t, kv, n // kv, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  logits = logits * (1.0 / jnp.sqrt(jnp.float32(d)))
+  s, kv = k.shape[1], k.shape[2]
+  g = n // kv
+  q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+  k = k.transpose(0, 2, 1, 3)  # [b, kv, s, d]
+  v = v.transpose(0, 2, 1, 3)
+  logits = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+  logits = logits.reshape(b, kv, g, t, s) * (1.0 / jnp.sqrt(jnp.float32(d)))
   logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, n, d)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+  return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
 def _single_query_attention(q, k, v, mask):
