@@ -144,8 +144,11 @@ def build_step(cfg, layout: sharding.Layout, optimizer, *, micro_batches: int = 
       nll, count, grads = micro_grads(params, mb, jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, carry, (nll, count, grads)), None
 
-    zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    (nll, count, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(micro_batches), micro))
+    if micro_batches == 1:  # no loop: XLA fuses and schedules the whole step at once
+      nll, count, grads = micro_grads(params, batch, jax.random.fold_in(rng, 0))
+    else:
+      zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+      (nll, count, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(micro_batches), micro))
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)

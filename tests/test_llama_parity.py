@@ -28,6 +28,16 @@ def test_logits_match_transformers(variant, tokens, tmp_path):
   assert diff <= 1e-4, f"{variant}: max |logit diff| {diff}"
 
 
+def test_block_causal_attention_matches_transformers(tokens, tmp_path, monkeypatch):
+  from humpback_jax.model import attention
+  monkeypatch.setattr(attention, "CAUSAL_BLOCK", 8)  # 40 tokens: five query blocks
+  model = make_hf_model("gqa")
+  save_hf_model(model, tmp_path)
+  cfg = hf.read_config(tmp_path)
+  params = hf.load_params(tmp_path, cfg, layout())
+  assert np.abs(forward_logits(cfg, params, tokens) - hf_logits(model, tokens)).max() <= 1e-4
+
+
 def test_config_json_is_read_faithfully(tmp_path):
   save_hf_model(make_hf_model("llama3_rope"), tmp_path)
   cfg = hf.read_config(tmp_path)

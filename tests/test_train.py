@@ -106,8 +106,11 @@ def test_no_weight_decay_on_norm_scales():
   assert float(np.abs(updates["layers"][0]["mlp"]["up"]).max()) > 0.0
 
 
-def test_packed_batch_gives_the_same_per_example_losses_as_unpacked():
+@pytest.mark.parametrize("causal_block", [64, 8], ids=["one_block", "block_causal"])
+def test_packed_batch_gives_the_same_per_example_losses_as_unpacked(causal_block, monkeypatch):
   from humpback_jax.data import sft
+  from humpback_jax.model import attention
+  monkeypatch.setattr(attention, "CAUSAL_BLOCK", causal_block)  # rows of 32: 4 query blocks at 8
   cfg = tiny_config()
   params = build.init_params(cfg, layout(), seed=0)
   rng = np.random.RandomState(4)

@@ -113,7 +113,7 @@ class Attention(nnx.Module):
     if kv is not None:  # decoding: append to the cache, attend over all of it
       kv = kv_cache.write(kv[0], kv[1], k, v, index)
       k, v = kv[0].astype(dt), kv[1].astype(dt)
-    out = attention.dot_product_attention(q, k, v, mask, self.impl)
+    out = attention.dot_product_attention(q, k, v, mask, self.impl, index_causal=kv is None)
     return dense(out, self.o[...], in_dims=2), kv
 
 
