@@ -32,7 +32,6 @@ from humpback_jax.checkpoints import hf  # noqa: E402
 from humpback_jax.config import to_hf_config  # noqa: E402
 from humpback_jax.generate import GREEDY, Engine  # noqa: E402
 
-BATCHES = (1, 8, 32)
 PROMPT_LEN, NEW_TOKENS = 64, 128
 
 
@@ -116,6 +115,7 @@ def best_tokens_per_s(runs: dict, new_tokens: int, repeats: int) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the best is kept)")
+  parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
   parser.add_argument("--models", default="bench20m,smollm2_135m", help="comma-separated subset")
   args = parser.parse_args()
   print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
@@ -132,7 +132,7 @@ def main():
       if folder is None:
         continue
       vocab = hf.read_config(folder).vocab_size
-      for batch in BATCHES:
+      for batch in map(int, args.batches.split(",")):
         prompts = np.random.default_rng(batch).integers(3, vocab, (batch, PROMPT_LEN))
         ours_run, engine = ours_runner(folder, prompts)
         runs = {"ours": ours_run, "hf": torch_runner(folder, prompts)}

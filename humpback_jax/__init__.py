@@ -1,7 +1,11 @@
 """humpback-jax: instruction backtranslation (Humpback) in JAX.
 
 `humpback_jax.load(path)` opens our checkpoint, a Hugging Face folder or a GGUF file.
+Importing the package adds our measured XLA:CPU defaults (see `xla_flags`) to XLA_FLAGS.
 """
+from humpback_jax import xla_flags as _xla_flags
+
+_xla_flags.apply_cpu_defaults()
 
 
 def load(path, **kwargs):

@@ -28,8 +28,9 @@ def corpus_segments(cfg) -> tuple[list[dict], dict]:
   else:
     raw = corpus.segments_from_folder(Path(d.corpus_path))
   if not raw:
-    raise DataError(f"{d.corpus_path or d.corpus_tfds_name}: the corpus is empty (no segments found)",
-                    path=d.corpus_path, field="data.corpus_path")
+    field = "data.corpus_tfds_name" if d.corpus_tfds_name else "data.corpus_path"
+    raise DataError(f"{d.corpus_path or d.corpus_tfds_name}: the corpus is empty (no segments found; "
+                    f"config field {field})", path=d.corpus_path, field=field)
   kept, report = corpus.prepare_corpus(raw, cfg.corpus)
   return [dataclasses.asdict(s) if dataclasses.is_dataclass(s) else dict(s) for s in kept], report
 

@@ -1,0 +1,32 @@
+"""Our XLA:CPU defaults are added to XLA_FLAGS, never override the user's, and can be switched off."""
+from humpback_jax import xla_flags
+
+
+def test_defaults_are_added_to_empty_flags():
+  env = {}
+  xla_flags.apply_cpu_defaults(env)
+  assert env["XLA_FLAGS"].split() == list(xla_flags.CPU_FLAGS)
+
+
+def test_a_flag_the_user_set_is_kept_as_set():
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_use_xnnpack=true"}
+  xla_flags.apply_cpu_defaults(env)
+  flags = env["XLA_FLAGS"].split()
+  assert "--xla_cpu_use_xnnpack=true" in flags and "--xla_cpu_use_xnnpack=false" not in flags
+  assert flags[0] == "--xla_force_host_platform_device_count=8"
+  assert "--xla_cpu_experimental_ynn_fusion_type=" in flags
+
+
+def test_applying_twice_adds_nothing():
+  env = {}
+  xla_flags.apply_cpu_defaults(env)
+  once = env["XLA_FLAGS"]
+  xla_flags.apply_cpu_defaults(env)
+  assert env["XLA_FLAGS"] == once
+
+
+def test_opt_out_leaves_the_flags_alone():
+  env = {"HUMPBACK_XLA_DEFAULTS": "0", "XLA_FLAGS": "--xla_cpu_use_xnnpack=true"}
+  xla_flags.apply_cpu_defaults(env)
+  assert env["XLA_FLAGS"] == "--xla_cpu_use_xnnpack=true"
+
