@@ -84,14 +84,18 @@ def cmd_train(args, overrides):
 
 def cmd_generate(args, overrides):
   import jax
-  from humpback_jax import api, generate, shards, tokenizer as tokenizer_lib
+  from humpback_jax import api, distributed, generate, sharding, shards
   from humpback_jax.data.jsonl import read_jsonl
+  from humpback_jax.model import build
   cfg = _config(args, overrides)
   layout = _layout(cfg)
   model = api.load(args.checkpoint, layout=layout)
   records = [dict(r, id=str(r.get("id", line))) for line, r in read_jsonl(args.input, [args.field])]
   g = cfg.generate
-  engine = generate.Engine(model.cfg, model.params, layout, prompt_buckets=tuple(g.prompt_buckets),
+  local = sharding.process_local(layout)  # each process decodes its own shards alone
+  params = model.params if local is layout else sharding.to_layout(
+      model.params, build.param_shardings(model.cfg, local))
+  engine = generate.Engine(model.cfg, params, local, prompt_buckets=tuple(g.prompt_buckets),
                            batch_size=g.batch_size, too_long=g.too_long, on_empty="skip")
   sampling = generate.SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                      max_new_tokens=g.max_new_tokens, seed=g.seed)
@@ -107,6 +111,7 @@ def cmd_generate(args, overrides):
   out = Path(args.output)
   timing = shards.run(records, work, out / "shards", shard_size=g.shard_size,
                       process_index=jax.process_index(), process_count=jax.process_count(), desc="generate")
+  distributed.barrier("generate_shards")  # process 0 merges every process's shards
   if jax.process_index() == 0:
     merged = shards.merge(out / "shards", [r["id"] for r in records])
     shards.write_atomic(out / "outputs.jsonl", merged)
@@ -187,9 +192,9 @@ def _shutdown_together() -> None:
   """Multi-process runs meet at a barrier before shutting down, so a slower process never trips
   the coordination service's shutdown timeout."""
   import jax
+  from humpback_jax import distributed
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("humpback:end")
+    distributed.barrier("end")
     jax.distributed.shutdown()
 
 

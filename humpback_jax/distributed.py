@@ -31,3 +31,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def _int_env(name: str) -> int | None:
   value = os.environ.get(name)
   return int(value) if value else None
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (nothing to wait for with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"humpback:{name}")

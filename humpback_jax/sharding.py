@@ -138,3 +138,32 @@ def put_array(host_value: np.ndarray, sharding: NamedSharding) -> jax.Array:
 def replicated(mesh: Mesh) -> NamedSharding:
   """A fully replicated sharding on `mesh`."""
   return NamedSharding(mesh, PartitionSpec())
+
+
+def process_local(layout: Layout) -> Layout:
+  """The same axes and rules over this process's devices only: for work each process does alone
+  (generation and scoring over its own share of the input). Unchanged with one process."""
+  if jax.process_count() == 1:
+    return layout
+  local = jax.local_devices()
+  names = layout.mesh.axis_names
+  inner = {a: layout.mesh.shape[a] for a in names[1:]}
+  if len(local) % math.prod(inner.values()):
+    inner = {a: 1 for a in inner}  # model axes do not fit in one process: data-parallel only
+  shape = (len(local) // math.prod(inner.values()), *inner.values())
+  mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names), devices=local)
+  return Layout(mesh, layout.rules)
+
+
+def to_layout(tree: Any, shardings: Any) -> Any:
+  """Copies arrays onto `shardings`, gathering those spread over other processes first.
+
+  Every process must call it with the same tree (the gather is a collective).
+  """
+  from jax.experimental import multihost_utils
+
+  def move(x, s):
+    if not x.is_fully_addressable:
+      x = multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_put(np.asarray(x), s)
+  return jax.tree.map(move, tree, shardings)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from humpback_jax import api, generate, shards
+from humpback_jax import api, distributed, generate, sharding, shards
 from humpback_jax import tokenizer as tokenizer_lib
 from humpback_jax.checkpoints import model_dir
 from humpback_jax.errors import ConfigError
@@ -155,8 +155,13 @@ class Run:
   # ------------------------------------------------------------------ generation stages
 
   def _engine(self, stage):
+    """An engine on this process's devices: each process generates for its own shards alone."""
     g = self.cfg.generate
-    return generate.Engine(self.cfg.model, self._model_params(stage), self.layout,
+    layout = sharding.process_local(self.layout)
+    params = self._model_params(stage)
+    if layout is not self.layout:
+      params = sharding.to_layout(params, build.param_shardings(self.cfg.model, layout))
+    return generate.Engine(self.cfg.model, params, layout,
                            prompt_buckets=tuple(g.prompt_buckets), batch_size=g.batch_size,
                            too_long=g.too_long, on_empty="skip")
 
@@ -201,9 +206,12 @@ class Run:
                 tokens_per_s=engine.stats.tokens_per_second, compiles=engine.stats.compiles)
 
   def _sharded(self, name, records, work):
-    return shards.run(records, work, self.dir(name) / "shards", shard_size=self.cfg.generate.shard_size,
-                      process_index=jax.process_index(), process_count=jax.process_count(),
-                      desc=name, progress=self.progress)
+    """Runs `work` over this process's shards, then waits for every process (the merge reads all)."""
+    timing = shards.run(records, work, self.dir(name) / "shards", shard_size=self.cfg.generate.shard_size,
+                        process_index=jax.process_index(), process_count=jax.process_count(),
+                        desc=name, progress=self.progress)
+    distributed.barrier(f"{name}_shards")
+    return timing
 
   # ------------------------------------------------------------------ report
 
