@@ -59,23 +59,26 @@ def run(records: Sequence[dict], process: Callable[[list[dict]], list[dict]], ou
 
 def write_atomic(path: Path, rows: Iterable[dict]) -> None:
   """Writes JSONL to a temp file, fsyncs, then renames: readers never see a partial file."""
-  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  _write_then_rename(Path(path), lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def write_json_atomic(path: Path, obj) -> None:
   """Writes one JSON document atomically (temp file, fsync, rename)."""
-  tmp = Path(path).with_name(Path(path).name + f".tmp{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, ensure_ascii=False)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  _write_then_rename(Path(path), lambda f: json.dump(obj, f, indent=2, ensure_ascii=False))
+
+
+def _write_then_rename(path: Path, write) -> None:
+  """On any failure (a full disk included) the temp file is removed and `path` keeps its old state."""
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
 
 
 def merge(out_dir: Path, expected_ids: Sequence[str]) -> list[dict]:

@@ -68,3 +68,41 @@ def test_merge_names_missing_ids(tmp_path):
 def test_results_must_match_inputs_one_to_one(tmp_path):
   with pytest.raises(RuntimeError, match="shard 0: results do not match"):
     shards.run(records(4), lambda b: double(b)[:-1], tmp_path, shard_size=4, progress=False)
+
+
+def test_a_full_disk_while_writing_a_shard_keeps_the_finished_ones_and_leaves_no_partial_file(
+    tmp_path, monkeypatch):
+  import errno
+  import os
+  real_fsync, calls = os.fsync, []
+
+  def disk_fills_on_the_third_shard(fd):
+    calls.append(fd)
+    if len(calls) == 3:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    real_fsync(fd)
+
+  monkeypatch.setattr(os, "fsync", disk_fills_on_the_third_shard)
+  with pytest.raises(OSError, match="No space left"):
+    shards.run(records(23), double, tmp_path, shard_size=5, progress=False)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.jsonl", "part-00001.jsonl"]
+  monkeypatch.setattr(os, "fsync", real_fsync)  # space freed: the rerun finishes the rest
+  stats = shards.run(records(23), double, tmp_path, shard_size=5, progress=False)
+  assert (stats["shards_skipped"], stats["shards_written"]) == (2, 3)
+  assert [r["y"] for r in shards.merge(tmp_path, [r["id"] for r in records(23)])] == [2 * i for i in range(23)]
+
+
+def test_a_full_disk_while_rewriting_a_file_keeps_its_previous_version(tmp_path, monkeypatch):
+  import errno
+  import os
+  path = tmp_path / "manifest.json"
+  shards.write_json_atomic(path, {"stage": "augment", "version": 1})
+
+  def no_space(fd):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(os, "fsync", no_space)
+  with pytest.raises(OSError):
+    shards.write_json_atomic(path, {"stage": "augment", "version": 2})
+  assert json.loads(path.read_text())["version"] == 1
+  assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
