@@ -1,8 +1,8 @@
 """Fault harness: kill `humpback train` and `humpback generate` with SIGKILL or SIGTERM at seeded
 random points, rerun the same command, and require the uninterrupted run's artifacts exactly.
 
-One cycle per command runs in CI; the rest (12 cycles in all, plus the pipeline's kills in
-tests/test_pipeline.py) run with `-m slow`.
+One train and one generate cycle run in CI; the rest (14 cycles in all: 6 train, 6 generate,
+2 pipeline killed at a random shard of augmentation or curation) run with `-m slow`.
 """
 import json
 import os
@@ -145,3 +145,37 @@ def test_generate_killed_anywhere_gives_the_uninterrupted_outputs(seed, sig, gen
   assert (out / "outputs.jsonl").read_text() == generate_reference
   ids = [json.loads(line)["id"] for line in generate_reference.splitlines()]
   assert len(ids) == len(set(ids)) == GENERATE_SHARDS * 8
+
+
+# --------------------------------------------------------------------------- pipeline
+
+PIPELINE_FAST = ["--config.pretrain.steps=10", "--config.train.steps=3", "--config.generate.max_new_tokens=8",
+                 "--config.pipeline.judge_max_new_tokens=6", "--config.generate.shard_size=8",
+                 "--config.generate.batch_size=8", "--config.pipeline.iterations=1",
+                 "--config.generate.prompt_buckets=(512,1024,2048)"]
+PIPELINE_ARTIFACTS = ("augment/candidates.jsonl", "curate_m0/scores.jsonl", "curate_m0/curated.jsonl")
+
+
+def pipeline_argv(workdir):
+  return [*CLI, "pipeline", "--config=configs/toy.py", f"--workdir={workdir}", *PIPELINE_FAST]
+
+
+@pytest.fixture(scope="module")
+def pipeline_reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("pipeline_reference")
+  run_to_end(pipeline_argv(workdir))
+  return {name: (workdir / name).read_text() for name in PIPELINE_ARTIFACTS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed, sig", [(0, signal.SIGTERM), (1, signal.SIGKILL)], ids=["SIGTERM", "SIGKILL"])
+def test_pipeline_killed_in_a_generation_stage_ends_with_the_uninterrupted_artifacts(
+    seed, sig, pipeline_reference, tmp_path):
+  rng = random.Random(200 + seed)
+  stage = rng.choice(["augment", "curate_m0"])
+  threshold = rng.randint(1, 4)
+  kill_when(pipeline_argv(tmp_path), lambda: shard_count(tmp_path / stage), threshold, sig)
+  assert not (tmp_path / stage / "manifest.json").exists()
+  run_to_end(pipeline_argv(tmp_path))
+  for name, reference in pipeline_reference.items():
+    assert (tmp_path / name).read_text() == reference, f"{name} differs after a kill during {stage}"
