@@ -84,18 +84,14 @@ def cmd_train(args, overrides):
 
 def cmd_generate(args, overrides):
   import jax
-  from humpback_jax import api, distributed, generate, sharding, shards
+  from humpback_jax import api, distributed, generate, shards
   from humpback_jax.data.jsonl import read_jsonl
-  from humpback_jax.model import build
   cfg = _config(args, overrides)
   layout = _layout(cfg)
   model = api.load(args.checkpoint, layout=layout)
   records = [dict(r, id=str(r.get("id", line))) for line, r in read_jsonl(args.input, [args.field])]
   g = cfg.generate
-  local = sharding.process_local(layout)  # each process decodes its own shards alone
-  params = model.params if local is layout else sharding.to_layout(
-      model.params, build.param_shardings(model.cfg, local))
-  engine = generate.Engine(model.cfg, params, local, prompt_buckets=tuple(g.prompt_buckets),
+  engine = generate.process_local_engine(model.cfg, model.params, layout, prompt_buckets=tuple(g.prompt_buckets),
                            batch_size=g.batch_size, too_long=g.too_long, on_empty="skip")
   sampling = generate.SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                      max_new_tokens=g.max_new_tokens, seed=g.seed)

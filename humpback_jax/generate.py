@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from humpback_jax import sharding
 from humpback_jax.model import build
 from humpback_jax.model import cache as kv_cache
 
@@ -395,3 +396,14 @@ class Engine:
       rows.append(ids)
     return rows
 
+
+def process_local_engine(cfg, params, layout, **engine_kwargs) -> Engine:
+  """An Engine on this process's devices only (`sharding.process_local`), params copied there.
+
+  Generation is embarrassingly parallel: each process decodes its own shards of the input alone.
+  With one process this is `Engine(cfg, params, layout, ...)`.
+  """
+  local = sharding.process_local(layout)
+  if local is not layout:
+    params = sharding.to_layout(params, build.param_shardings(cfg, local))
+  return Engine(cfg, params, local, **engine_kwargs)

@@ -137,7 +137,6 @@ def build_step(cfg, layout: sharding.Layout, optimizer, *, micro_batches: int = 
   def step(state, batch):
     params = state["params"]
     rng = jax.random.fold_in(jax.random.key(seed), state["step"])
-    micro = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
 
     def accumulate(carry, xs):
       i, mb = xs
@@ -147,6 +146,7 @@ def build_step(cfg, layout: sharding.Layout, optimizer, *, micro_batches: int = 
     if micro_batches == 1:  # no loop: XLA fuses and schedules the whole step at once
       nll, count, grads = micro_grads(params, batch, jax.random.fold_in(rng, 0))
     else:
+      micro = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
       zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
       (nll, count, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(micro_batches), micro))
     count = jnp.maximum(count, 1.0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from humpback_jax import api, distributed, generate, sharding, shards
+from humpback_jax import api, distributed, generate, shards
 from humpback_jax import tokenizer as tokenizer_lib
 from humpback_jax.checkpoints import model_dir
 from humpback_jax.errors import ConfigError
@@ -157,11 +157,7 @@ class Run:
   def _engine(self, stage):
     """An engine on this process's devices: each process generates for its own shards alone."""
     g = self.cfg.generate
-    layout = sharding.process_local(self.layout)
-    params = self._model_params(stage)
-    if layout is not self.layout:
-      params = sharding.to_layout(params, build.param_shardings(self.cfg.model, layout))
-    return generate.Engine(self.cfg.model, params, layout,
+    return generate.process_local_engine(self.cfg.model, self._model_params(stage), self.layout,
                            prompt_buckets=tuple(g.prompt_buckets), batch_size=g.batch_size,
                            too_long=g.too_long, on_empty="skip")
 

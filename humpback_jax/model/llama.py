@@ -204,7 +204,7 @@ class Llama(nnx.Module):
         new_v.append(kv[1])
     x = self.final_norm(x)
     head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-    logits = dense(x, head.astype(self.dtype), out_dtype=jnp.float32)
+    logits = dense(x, head, out_dtype=jnp.float32)
     logits = constrain(logits, ("batch", "length", "vocab"))
     if cache is not None:
       cache = kv_cache.KVCache(k=tuple(new_k), v=tuple(new_v), positions=kv_pos, index=cache.index + t)
