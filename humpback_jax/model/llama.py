@@ -107,7 +107,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x, cos, sin, mask, kv=None, index=None, constrain=_noconstraint):
     dt = x.dtype
-    q, k, v = dense(x, self.q[...]), dense(x, self.k[...]), dense(x, self.v[...])
+    q, k, v = self._fused_qkv(x)
     q = constrain(rotary(q, cos, sin), ("batch", "length", "heads", "head_dim"))
     k = constrain(rotary(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
     if kv is not None:  # decoding: append to the cache, attend over all of it
@@ -115,6 +115,16 @@ class Attention(nnx.Module):
       k, v = kv[0].astype(dt), kv[1].astype(dt)
     out = attention.dot_product_attention(q, k, v, mask, self.impl, index_causal=kv is None)
     return dense(out, self.o[...], in_dims=2), kv
+
+  def _fused_qkv(self, x):
+    """q, k, v from one GEMM over weights grouped per KV head, [dim, kv_heads, group + 2, head_dim]."""
+    d, n, h = self.q.shape
+    kv = self.k.shape[1]
+    g = n // kv
+    w = jnp.concatenate([self.q[...].reshape(d, kv, g, h), self.k[...][:, :, None], self.v[...][:, :, None]], axis=2)
+    y = dense(x, w)  # [..., kv, g + 2, h]
+    q = y[..., :g, :].reshape(*x.shape[:-1], n, h)
+    return q, y[..., g, :], y[..., g + 1, :]
 
 
 class MLP(nnx.Module):
