@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -197,8 +198,16 @@ class Run:
     sources.write_dataset([dict(r, score=score_of[r["id"]]) for r in curated],
                           self.workdir / "datasets", f"curated_{t + 1}", kind="pairs")
     unparsed = sum(s["score"] is None for s in scored)
+    values = sorted(v for v in score_of.values() if v is not None)
+    spread = dict(score_min=values[0], score_median=values[len(values) // 2], score_max=values[-1]) if values else {}
+    if candidates and not curated:
+      print(f"[{name}] warning: no candidate reached threshold_k={c.threshold_k} ({c.curation_mode} scores "
+            f"{values[0]:.2f}-{values[-1]:.2f}); train_m{t + 1} trains on the seed alone (lower "
+            f"--config.pipeline.threshold_k, or rescore: scores.jsonl keeps every score)" if values else
+            f"[{name}] warning: no candidate could be scored; train_m{t + 1} trains on the seed alone",
+            file=sys.stderr)
     return dict(candidates=len(candidates), curated=len(curated), threshold_k=c.threshold_k,
-                mode=c.curation_mode, unparsable=unparsed, **timing,
+                mode=c.curation_mode, unparsable=unparsed, **spread, **timing,
                 tokens_per_s=engine.stats.tokens_per_second, compiles=engine.stats.compiles)
 
   def _sharded(self, name, records, work):
