@@ -200,12 +200,10 @@ class Run:
     unparsed = sum(s["score"] is None for s in scored)
     values = sorted(v for v in score_of.values() if v is not None)
     spread = dict(score_min=values[0], score_median=values[len(values) // 2], score_max=values[-1]) if values else {}
-    if candidates and not curated:
-      print(f"[{name}] warning: no candidate reached threshold_k={c.threshold_k} ({c.curation_mode} scores "
-            f"{values[0]:.2f}-{values[-1]:.2f}); train_m{t + 1} trains on the seed alone (lower "
-            f"--config.pipeline.threshold_k, or rescore: scores.jsonl keeps every score)" if values else
-            f"[{name}] warning: no candidate could be scored; train_m{t + 1} trains on the seed alone",
-            file=sys.stderr)
+    if candidates and not curated:  # say it loudly: the next model would silently train on the seed alone
+      seen = f"{c.curation_mode} scores {values[0]:.2f}-{values[-1]:.2f}" if values else "no candidate was scored"
+      print(f"[{name}] warning: no candidate reached threshold_k={c.threshold_k} ({seen}); "
+            f"train_m{t + 1} trains on the seed alone", file=sys.stderr)
     return dict(candidates=len(candidates), curated=len(curated), threshold_k=c.threshold_k,
                 mode=c.curation_mode, unparsable=unparsed, **spread, **timing,
                 tokens_per_s=engine.stats.tokens_per_second, compiles=engine.stats.compiles)
