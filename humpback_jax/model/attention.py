@@ -1,6 +1,7 @@
 """The one attention dispatch point: masks from positions/segments, then the chosen kernel.
 
-`xla` is `jax.nn.dot_product_attention` lowered by XLA (CPU, TPU, GPU); `cudnn` asks for the cuDNN
+`xla` is `jax.nn.dot_product_attention` lowered by XLA (CPU, TPU, GPU; on CPU our own GQA forms
+and, for decoding, our FFI kernel); `cudnn` asks for the cuDNN
 flash kernel on NVIDIA GPUs; `auto` picks cuDNN on GPU and XLA elsewhere. A TPU splash kernel
 would be one more branch here.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from humpback_jax.kernels import cpu as cpu_kernels
 
 
 def attention_mask(q_pos, q_seg, kv_pos, kv_seg):
@@ -79,9 +82,11 @@ def _grouped_attention(q, k, v, mask):
 
 
 def _single_query_attention(q, k, v, mask):
-  """One query per row (decoding); the value side is a multiply-and-reduce over the cache as stored.
+  """One query per row (decoding): our CPU kernel (kernels/decode_kernels.cc) when it applies.
 
-  XLA:CPU's batched dot wants its batch dims (batch, kv_heads) outermost, so the einsum form
+  It reads only the visible slots, each row's cache front to back (~15x XLA's batched dot at
+  batch 32). The XLA form below does the value side as a multiply-and-reduce over the cache as
+  stored. XLA:CPU's batched dot wants its batch dims (batch, kv_heads) outermost, so the einsum form
   copies the [b, s, kv_heads, d] cache per layer and step; probs @ V avoids that copy of V.
   q @ K must stay a dot: jaxlib 0.10.2's XLA:CPU `__ynn_fusion` miscompiles the equivalent
   broadcast-multiply-reduce when a device holds one row (b == 1) and head_dim >= 32 (garbage
@@ -90,6 +95,8 @@ def _single_query_attention(q, k, v, mask):
   b, _, n, d = q.shape
   kv = k.shape[2]
   q = q.reshape(b, kv, n // kv, d)
+  if cpu_kernels.wants_decode_attention(q, k, v):
+    return cpu_kernels.decode_attention(q, k, v, mask[:, 0, 0, :], 1.0 / d ** 0.5).reshape(b, 1, n, d)
   logits = jnp.einsum("bkgd,bskd->bskg", q, k, preferred_element_type=jnp.float32)  # [b, s, kv, group]
   logits = logits * (1.0 / jnp.sqrt(jnp.float32(d)))
   logits = jnp.where(mask[:, 0, 0, :, None, None], logits, jnp.finfo(jnp.float32).min)

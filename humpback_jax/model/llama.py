@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from humpback_jax.config import head_dim
+from humpback_jax.kernels import cpu as cpu_kernels
 from humpback_jax.model import attention
 from humpback_jax.model import cache as kv_cache
 
@@ -41,7 +42,11 @@ def dense(x, w, in_dims: int = 1, out_dtype=None):
   """
   lead = x.shape[:x.ndim - in_dims]
   k = int(np.prod(w.shape[:in_dims]))
-  y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1).astype(x.dtype), preferred_element_type=out_dtype)
+  x2d, w2d = x.reshape(-1, k), w.reshape(k, -1).astype(x.dtype)
+  if cpu_kernels.wants_small_matmul(x2d, w2d):  # decoding on CPU: a few rows times every weight
+    y = cpu_kernels.small_matmul(x2d, w2d)
+  else:
+    y = jnp.dot(x2d, w2d, preferred_element_type=out_dtype)
   return y.reshape(*lead, *w.shape[in_dims:])
 
 
@@ -86,11 +91,17 @@ def rotary(x_btnh, cos_bth, sin_bth):
   return x_btnh * cos + rotated * sin
 
 
-def rope_tables(inv_freq, positions_bt):
-  """cos/sin tables [batch, len, head_dim] for integer positions (negative = padding)."""
-  angles = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+def rope_tables(inv_freq, positions_bt, max_len: int):
+  """cos/sin [batch, len, head_dim] for integer positions in [0, max_len) (negative = padding).
+
+  Looked up in [max_len, head_dim] tables: computed from the positions directly, XLA fuses cos/sin
+  into every layer's rotary and evaluates them once per head and layer (~1/8 of a decode step);
+  the tables do not depend on the tokens, so a decode loop computes them once.
+  """
+  angles = jnp.arange(max_len, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)
   angles = jnp.concatenate([angles, angles], axis=-1)
-  return jnp.cos(angles), jnp.sin(angles)
+  rows = jnp.maximum(positions_bt, 0)  # padding's rotation is never seen: its slots are masked
+  return jnp.take(jnp.cos(angles), rows, axis=0), jnp.take(jnp.sin(angles), rows, axis=0)
 
 
 class Attention(nnx.Module):
@@ -197,7 +208,7 @@ class Llama(nnx.Module):
       segment_ids_bt = jnp.ones((b, t), jnp.int32)
     x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.dtype)
     x = constrain(x, ("batch", "length", "embed"))
-    cos, sin = rope_tables(self.inv_freq, positions_bt)
+    cos, sin = rope_tables(self.inv_freq, positions_bt, self.cfg["max_seq_len"])
     if cache is None:
       mask = attention.attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
     else:

@@ -1,0 +1,144 @@
+"""Our XLA:CPU decode kernels (`decode_kernels.cc`), built on first use and called through XLA's FFI.
+
+A decode step is a few rows times every weight, plus one query per row over the KV cache;
+XLA:CPU's Eigen GEMM and batched dot run those shapes far below the memory bandwidth that bounds
+them (bench/RESULTS.md). The C++ source (AVX2/FMA) is compiled once per machine with the system
+C++ compiler against the FFI headers jaxlib ships, into `~/.cache/humpback_jax/kernels/` (or
+`$HUMPBACK_KERNEL_CACHE`), keyed by the source, compiler, jaxlib and CPU. Without a compiler or
+AVX2, on other backends, or with `HUMPBACK_CPU_KERNELS=0`, callers keep the plain-XLA path.
+Under a multi-device mesh XLA gathers the kernels' operands onto each device (correct, not fast):
+they serve single-device CPU decoding, which is how every host of ours decodes.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+SOURCE = Path(__file__).with_name("decode_kernels.cc")
+TARGETS = ("HumpbackPackedMatmul", "HumpbackDecodeAttention")
+STRIP = 16  # columns per packed strip of a weight (decode_kernels.cc: kStrip)
+MAX_ROWS = 64  # decode batches; prefill and training (hundreds of rows) keep XLA's GEMM
+COMPILE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+def _cache_dir() -> Path:
+  return Path(os.environ.get("HUMPBACK_KERNEL_CACHE", Path.home() / ".cache" / "humpback_jax" / "kernels"))
+
+
+def _compiler() -> str | None:
+  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _cpu_flags() -> set[str]:
+  """This CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+  try:
+    text = Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return set()
+  return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def build(compiler: str) -> Path:
+  """Compiles the kernels (once per source, compiler, jaxlib and CPU) and returns the shared library."""
+  version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+  parts = [SOURCE.read_text(), version, jaxlib.__version__, *COMPILE_FLAGS, *sorted(_cpu_flags())]
+  library = _cache_dir() / f"decode_kernels-{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:16]}.so"
+  if library.exists():
+    return library
+  library.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+    partial = Path(tmp) / library.name
+    command = [compiler, *COMPILE_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+      raise RuntimeError(f"compiling {SOURCE} failed ({' '.join(command)}):\n{done.stderr[-4000:]}")
+    os.replace(partial, library)  # atomic: concurrent processes never load half a file
+  return library
+
+
+@functools.cache
+def available() -> bool:
+  """True when the kernels are built and registered for this process's CPU backend."""
+  if os.environ.get("HUMPBACK_CPU_KERNELS", "1") == "0" or jax.default_backend() != "cpu":
+    return False
+  if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= _cpu_flags():
+    return False
+  compiler = _compiler()
+  if compiler is None:
+    print("humpback_jax: no C++ compiler found; CPU decoding uses plain XLA (slower)", file=sys.stderr)
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(build(compiler)))
+  except (RuntimeError, OSError) as e:
+    print(f"humpback_jax: CPU decode kernels unavailable, using plain XLA: {e}", file=sys.stderr)
+    return False
+  for name in TARGETS:
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
+  return True
+
+
+def wants_small_matmul(x2d, w) -> bool:
+  """Whether `x2d @ w` should take the small-matmul kernel: few float32 rows, kernels available."""
+  return (x2d.shape[0] <= MAX_ROWS and x2d.dtype == jnp.float32 and w.dtype == jnp.float32
+          and available())
+
+
+def small_matmul(x_mk, w_kn):
+  """x [m, k] @ w [k, n] -> [m, n] float32 for few rows, through the packed-strip kernel.
+
+  w is packed into 16-column strips [n / 16, k, 16] behind an optimization barrier: XLA hoists
+  the barrier (and the packing before it) out of a while loop, which it does not do for a bare
+  transpose, so a decode loop packs each weight once, not every step.
+  """
+  k, n = w_kn.shape
+  pad = -n % STRIP
+  w_kn = jnp.pad(w_kn, ((0, 0), (0, pad))) if pad else w_kn
+  strips = jax.lax.optimization_barrier(w_kn.reshape(k, -1, STRIP).transpose(1, 0, 2))
+  y = packed_matmul(x_mk, strips)
+  return y[:, :n] if pad else y
+
+
+@jax.custom_vjp
+def packed_matmul(x_mk, strips_skc):
+  """x [m, k] @ w, with w given as strips [n / 16, k, 16] -> [m, n] float32."""
+  out = jax.ShapeDtypeStruct((x_mk.shape[0], strips_skc.shape[0] * STRIP), jnp.float32)
+  return jax.ffi.ffi_call("HumpbackPackedMatmul", out)(x_mk, strips_skc)
+
+
+def _packed_matmul_fwd(x_mk, strips_skc):
+  return packed_matmul(x_mk, strips_skc), (x_mk, strips_skc)
+
+
+def _packed_matmul_bwd(residuals, g_mn):
+  x_mk, strips_skc = residuals
+  s, k, c = strips_skc.shape
+  g_msc = g_mn.reshape(-1, s, c)
+  return jnp.einsum("msc,skc->mk", g_msc, strips_skc), jnp.einsum("msc,mk->skc", g_msc, x_mk)
+
+
+packed_matmul.defvjp(_packed_matmul_fwd, _packed_matmul_bwd)
+
+
+def wants_decode_attention(q, k, v) -> bool:
+  """Whether single-query attention over this cache should take the kernel (float32, d % 8 == 0)."""
+  return (q.dtype == k.dtype == v.dtype == jnp.float32 and q.shape[-1] % 8 == 0 and available())
+
+
+def decode_attention(q_bkgd, k_bskd, v_bskd, visible_bs, scale: float):
+  """Single-query attention: q [b, kv, group, d] over a [b, s, kv, d] cache, visible slots [b, s]."""
+  out = jax.ShapeDtypeStruct(q_bkgd.shape, jnp.float32)
+  return jax.ffi.ffi_call("HumpbackDecodeAttention", out)(
+      q_bkgd, k_bskd, v_bskd, visible_bs.astype(jnp.int32), scale=np.float32(scale))
