@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from humpback_jax import sharding
+from humpback_jax.kernels import cpu as cpu_kernels
 from humpback_jax.model import build
 from humpback_jax.model import cache as kv_cache
 
@@ -130,7 +131,8 @@ def decode(cfg, layout, params, cache, token_b, position_b, row_ids_b, max_new_b
 
   carry = (jnp.zeros((), jnp.int32), token_b, position_b, cache, jnp.full((b, max_new), -1, jnp.int32),
            jnp.zeros((b,), jnp.int32), max_new_b <= 0)
-  _, _, _, cache, out, counts, _ = jax.lax.while_loop(cond, body, carry)
+  with cpu_kernels.small_matmuls():  # CPU: few-row matmuls take our kernel, weights packed once
+    _, _, _, cache, out, counts, _ = jax.lax.while_loop(cond, body, carry)
   return out, counts, cache
 
 

@@ -11,6 +11,8 @@ they serve single-device CPU decoding, which is how every host of ours decodes.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -30,7 +32,8 @@ import numpy as np
 SOURCE = Path(__file__).with_name("decode_kernels.cc")
 TARGETS = ("HumpbackPackedMatmul", "HumpbackDecodeAttention")
 STRIP = 16  # columns per packed strip of a weight (decode_kernels.cc: kStrip)
-MAX_ROWS = 64  # decode batches; prefill and training (hundreds of rows) keep XLA's GEMM
+MAX_ROWS = 64  # larger decode batches keep XLA's GEMM
+_SMALL_MATMULS = contextvars.ContextVar("humpback_small_matmuls", default=False)
 COMPILE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -90,10 +93,24 @@ def available() -> bool:
   return True
 
 
+@contextlib.contextmanager
+def small_matmuls():
+  """While tracing inside this context, `wants_small_matmul` may say yes (see `small_matmul`).
+
+  `generate.decode` opens it around its while loop, where the weights are packed once per loop.
+  A single forward (prefill, scoring, training) would pay the packing for one use, so it stays out.
+  """
+  token = _SMALL_MATMULS.set(True)
+  try:
+    yield
+  finally:
+    _SMALL_MATMULS.reset(token)
+
+
 def wants_small_matmul(x2d, w) -> bool:
-  """Whether `x2d @ w` should take the small-matmul kernel: few float32 rows, kernels available."""
-  return (x2d.shape[0] <= MAX_ROWS and x2d.dtype == jnp.float32 and w.dtype == jnp.float32
-          and available())
+  """Whether `x2d @ w` should take the packed kernel: inside `small_matmuls()`, few float32 rows."""
+  return (_SMALL_MATMULS.get() and x2d.shape[0] <= MAX_ROWS and x2d.dtype == jnp.float32
+          and w.dtype == jnp.float32 and available())
 
 
 def small_matmul(x_mk, w_kn):
@@ -107,29 +124,9 @@ def small_matmul(x_mk, w_kn):
   pad = -n % STRIP
   w_kn = jnp.pad(w_kn, ((0, 0), (0, pad))) if pad else w_kn
   strips = jax.lax.optimization_barrier(w_kn.reshape(k, -1, STRIP).transpose(1, 0, 2))
-  y = packed_matmul(x_mk, strips)
+  out = jax.ShapeDtypeStruct((x_mk.shape[0], strips.shape[0] * STRIP), jnp.float32)
+  y = jax.ffi.ffi_call("HumpbackPackedMatmul", out)(x_mk, strips)
   return y[:, :n] if pad else y
-
-
-@jax.custom_vjp
-def packed_matmul(x_mk, strips_skc):
-  """x [m, k] @ w, with w given as strips [n / 16, k, 16] -> [m, n] float32."""
-  out = jax.ShapeDtypeStruct((x_mk.shape[0], strips_skc.shape[0] * STRIP), jnp.float32)
-  return jax.ffi.ffi_call("HumpbackPackedMatmul", out)(x_mk, strips_skc)
-
-
-def _packed_matmul_fwd(x_mk, strips_skc):
-  return packed_matmul(x_mk, strips_skc), (x_mk, strips_skc)
-
-
-def _packed_matmul_bwd(residuals, g_mn):
-  x_mk, strips_skc = residuals
-  s, k, c = strips_skc.shape
-  g_msc = g_mn.reshape(-1, s, c)
-  return jnp.einsum("msc,skc->mk", g_msc, strips_skc), jnp.einsum("msc,mk->skc", g_msc, x_mk)
-
-
-packed_matmul.defvjp(_packed_matmul_fwd, _packed_matmul_bwd)
 
 
 def wants_decode_attention(q, k, v) -> bool:

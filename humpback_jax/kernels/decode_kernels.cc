@@ -70,12 +70,16 @@ constexpr int64_t kStrip = 16;
     _mm256_storeu_ps(y + r * n + 8, a##r##1);                  \
   }
 
+// `next` is the strip after this one: its lines are requested into L2 while this one computes
+// (standalone, 2 threads, 70 MB of weights: 32 rows at 116-124 GFLOP/s vs 108 without; 8 rows
+// stream ~12 GB/s either way, against ~20 GB/s for one row: this host's DRAM is the limit there).
 template <int R>
-void StripTile(const float* x, int64_t k, const float* strip, float* y, int64_t n) {
+void StripTile(const float* x, int64_t k, const float* strip, const float* next, float* y, int64_t n) {
   static_assert(R >= 1 && R <= 6, "6 rows x 2 vectors = 12 accumulators of 16 registers");
   __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
   __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
   for (int64_t i = 0; i < k; ++i) {
+    _mm_prefetch(reinterpret_cast<const char*>(next + i * kStrip), _MM_HINT_T1);
     const __m256 w0 = _mm256_loadu_ps(strip + i * kStrip), w1 = _mm256_loadu_ps(strip + i * kStrip + 8);
     HJ_ROW(0) HJ_ROW(1) HJ_ROW(2) HJ_ROW(3) HJ_ROW(4) HJ_ROW(5)
   }
@@ -85,19 +89,20 @@ void StripTile(const float* x, int64_t k, const float* strip, float* y, int64_t 
 #undef HJ_STORE
 
 // All m rows against one strip, in tiles of at most 6 rows (12 accumulators) of near-equal size.
-void StripAllRows(int64_t m, const float* x, int64_t k, const float* strip, float* y, int64_t n) {
+void StripAllRows(int64_t m, const float* x, int64_t k, const float* strip, const float* next, float* y,
+                  int64_t n) {
   const int64_t tiles = (m + 5) / 6;
   for (int64_t t = 0, r = 0; t < tiles; ++t) {
     const int64_t rows = (m - r + (tiles - t) - 1) / (tiles - t);
     const float* xr = x + r * k;
     float* yr = y + r * n;
     switch (rows) {
-      case 6: StripTile<6>(xr, k, strip, yr, n); break;
-      case 5: StripTile<5>(xr, k, strip, yr, n); break;
-      case 4: StripTile<4>(xr, k, strip, yr, n); break;
-      case 3: StripTile<3>(xr, k, strip, yr, n); break;
-      case 2: StripTile<2>(xr, k, strip, yr, n); break;
-      default: StripTile<1>(xr, k, strip, yr, n); break;
+      case 6: StripTile<6>(xr, k, strip, next, yr, n); break;
+      case 5: StripTile<5>(xr, k, strip, next, yr, n); break;
+      case 4: StripTile<4>(xr, k, strip, next, yr, n); break;
+      case 3: StripTile<3>(xr, k, strip, next, yr, n); break;
+      case 2: StripTile<2>(xr, k, strip, next, yr, n); break;
+      default: StripTile<1>(xr, k, strip, next, yr, n); break;
     }
     r += rows;
   }
@@ -116,8 +121,10 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   float* yp = y->typed_data();
   ParallelFor(pool, (strips + kStripsPerChunk - 1) / kStripsPerChunk, [=](int64_t c) {
     const int64_t end = std::min(strips, (c + 1) * kStripsPerChunk);
-    for (int64_t s = c * kStripsPerChunk; s < end; ++s)
-      StripAllRows(m, xp, k, wpp + s * k * kStrip, yp + s * kStrip, n);
+    for (int64_t s = c * kStripsPerChunk; s < end; ++s) {
+      const float* strip = wpp + s * k * kStrip;
+      StripAllRows(m, xp, k, strip, s + 1 < end ? strip + k * kStrip : strip, yp + s * kStrip, n);
+    }
   });
   return ffi::Error::Success();
 }
