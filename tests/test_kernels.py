@@ -47,13 +47,26 @@ def test_decode_attention_equals_masked_softmax(kv, group, d):
   np.testing.assert_allclose(got, _reference_attention(q, k, v, visible, d ** -0.5), rtol=1e-5, atol=1e-5)
 
 
-def test_decode_loop_packs_each_weight_once_outside_the_loop():
-  """The packed weights [n / 16, k, 16] are loop state of the decode while loop, not rebuilt per step."""
+def _toy_engine(batch_size=2):
   cfg = model_preset("toy")
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(axes=("data", "fsdp", "tensor"), shape=(1, 1, 1))),
                             jax.devices()[:1])
   layout = sharding.Layout(mesh)
-  engine = Engine(cfg, build.init_params(cfg, layout), layout, prompt_buckets=(8,), batch_size=2)
+  return Engine(cfg, build.init_params(cfg, layout), layout, prompt_buckets=(8,), batch_size=batch_size)
+
+
+def test_greedy_tokens_are_the_same_with_and_without_the_kernels(monkeypatch):
+  prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+  with_kernels = _toy_engine(batch_size=3).generate_ids(prompts, GREEDY, max_new_tokens=12)
+  monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+  engine = _toy_engine(batch_size=3)
+  assert engine.generate_ids(prompts, GREEDY, max_new_tokens=12) == with_kernels
+  assert all("Humpback" not in program.as_text() for program in engine._programs.values())
+
+
+def test_decode_loop_packs_each_weight_once_outside_the_loop():
+  """The packed weights [n / 16, k, 16] are loop state of the decode while loop, not rebuilt per step."""
+  engine = _toy_engine()
   engine.generate_ids([[5, 6, 7], [8, 9]], GREEDY, max_new_tokens=3)
   (decode,) = [p for (_, part), p in engine._programs.items() if part == "decode"]
   hlo = decode.as_text()

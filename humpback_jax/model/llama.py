@@ -95,7 +95,7 @@ def rope_tables(inv_freq, positions_bt, max_len: int):
   """cos/sin [batch, len, head_dim] for integer positions in [0, max_len) (negative = padding).
 
   Looked up in [max_len, head_dim] tables: computed from the positions directly, XLA fuses cos/sin
-  into every layer's rotary and evaluates them once per head and layer (~1/8 of a decode step);
+  into every layer's rotary and evaluates them once per head and layer (~5% of a decode step);
   the tables do not depend on the tokens, so a decode loop computes them once.
   """
   angles = jnp.arange(max_len, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)
@@ -208,7 +208,8 @@ class Llama(nnx.Module):
       segment_ids_bt = jnp.ones((b, t), jnp.int32)
     x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.dtype)
     x = constrain(x, ("batch", "length", "embed"))
-    cos, sin = rope_tables(self.inv_freq, positions_bt, self.cfg["max_seq_len"])
+    table_len = self.cfg["max_seq_len"] if cache is None else cache.max_len  # a slot's position < its index
+    cos, sin = rope_tables(self.inv_freq, positions_bt, table_len)
     if cache is None:
       mask = attention.attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
     else:
