@@ -3,8 +3,9 @@
 // A decode step multiplies a few rows (one per sequence) by every weight matrix, and attends one
 // query per row over the KV cache. XLA:CPU sends both to Eigen, whose GEMM packs the whole weight
 // before using it (a second pass over memory the step is bound by) and whose batched dot runs the
-// attention products at a fraction of memory bandwidth. These kernels read each weight once,
-// straight from where it lies, with AVX2/FMA register tiles, split across XLA's intra-op threads.
+// attention products at a fraction of memory bandwidth. Here each step reads each weight once,
+// from 16-column strips packed once per decode loop, into AVX2/FMA register tiles, and attention
+// reads only the visible cache slots; both split their work over XLA's intra-op threads.
 #include <immintrin.h>
 
 #include <algorithm>
