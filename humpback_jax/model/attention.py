@@ -1,9 +1,8 @@
 """The one attention dispatch point: masks from positions/segments, then the chosen kernel.
 
-`xla` is `jax.nn.dot_product_attention` lowered by XLA (CPU, TPU, GPU; on CPU our own GQA forms
-and, for decoding, our FFI kernel); `cudnn` asks for the cuDNN
-flash kernel on NVIDIA GPUs; `auto` picks cuDNN on GPU and XLA elsewhere. A TPU splash kernel
-would be one more branch here.
+`xla` is `jax.nn.dot_product_attention` lowered by XLA on TPU and GPU; on CPU it is our own GQA
+forms and, for decoding, our FFI kernel. `cudnn` asks for the cuDNN flash kernel on NVIDIA GPUs;
+`auto` picks cuDNN on GPU and XLA elsewhere. A TPU splash kernel would be one more branch here.
 """
 from __future__ import annotations
 

@@ -208,7 +208,7 @@ class Llama(nnx.Module):
       segment_ids_bt = jnp.ones((b, t), jnp.int32)
     x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.dtype)
     x = constrain(x, ("batch", "length", "embed"))
-    table_len = self.cfg["max_seq_len"] if cache is None else cache.max_len  # a slot's position < its index
+    table_len = self.cfg["max_seq_len"] if cache is None else cache.max_len  # position <= slot < max_len
     cos, sin = rope_tables(self.inv_freq, positions_bt, table_len)
     if cache is None:
       mask = attention.attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
