@@ -39,8 +39,9 @@ def save(path: Path, params, model_cfg, *, tokenizer_file: Path | None = None,
   checkpointer.wait_until_finished()
   multihost_utils.sync_global_devices(f"model_dir.save:written:{path}")  # every process's shards are on disk
   if jax.process_index() == 0:  # one writer: another process must not touch the folder while it is renamed
-    name = None if tokenizer_file is None else Path(tokenizer_file).name
-    if name is not None:
+    name = None
+    if tokenizer_file is not None:
+      name = Path(tokenizer_file).name
       shutil.copy(tokenizer_file, tmp / name)
     meta = dict(model=model_cfg.to_dict(), chat_template=chat_template, tokenizer=name)
     (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2))

@@ -45,13 +45,15 @@ def _compiler() -> str | None:
   return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
   """This CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
   try:
     text = Path("/proc/cpuinfo").read_text()
   except OSError:
-    return set()
-  return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    return frozenset()
+  flags = (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
+  return frozenset(next(flags, ()))
 
 
 def build(compiler: str) -> Path:

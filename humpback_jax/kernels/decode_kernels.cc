@@ -197,14 +197,15 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     const float* qr = qp + row * heads * d;  // [kv, g, d]: query head h = kv_head * g + j
     const float* kr = kp + row * s * slot_floats;
     const float* vr = vp + row * s * slot_floats;
-    for (int64_t i = 0; i < n; ++i) {
+    if (none_visible) std::fill(probs.begin(), probs.end(), 0.f);  // equal logits: a plain average
+    for (int64_t i = 0; i < n && !none_visible; ++i) {
       const float* kt = kr + slots[i] * slot_floats;
       for (int64_t h = 0; h < heads; ++h) {
         const float* qh = qr + h * d;
         const float* kh = kt + (h / g) * d;
         __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kh));
         for (int64_t e = 8; e < d; e += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + e), _mm256_loadu_ps(kh + e), acc);
-        probs[h * n + i] = none_visible ? 0.f : HorizontalSum(acc) * scale;
+        probs[h * n + i] = HorizontalSum(acc) * scale;
       }
     }
     for (int64_t h = 0; h < heads; ++h) SoftmaxInPlace(probs.data() + h * n, n);

@@ -92,7 +92,7 @@ def rotary(x_btnh, cos_bth, sin_bth):
 
 
 def rope_tables(inv_freq, positions_bt, max_len: int):
-  """cos/sin [batch, len, head_dim] for integer positions in [0, max_len) (negative = padding).
+  """cos/sin [batch, len, head_dim] for integer positions in [0, max_len) (negative = padding; NaN past).
 
   Looked up in [max_len, head_dim] tables: computed from the positions directly, XLA fuses cos/sin
   into every layer's rotary and evaluates them once per head and layer (~5% of a decode step);
@@ -208,7 +208,8 @@ class Llama(nnx.Module):
       segment_ids_bt = jnp.ones((b, t), jnp.int32)
     x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.dtype)
     x = constrain(x, ("batch", "length", "embed"))
-    table_len = self.cfg["max_seq_len"] if cache is None else cache.max_len  # position <= slot < max_len
+    # Positions restart at 0 in each packed example (< t), and a cached token's is <= its slot.
+    table_len = t if cache is None else cache.max_len
     cos, sin = rope_tables(self.inv_freq, positions_bt, table_len)
     if cache is None:
       mask = attention.attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
