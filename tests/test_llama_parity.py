@@ -106,3 +106,17 @@ def test_missing_tensor_is_named(tmp_path):
   cfg = hf.read_config(tmp_path)
   with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight"):
     hf.load_params(tmp_path, cfg, layout())
+
+
+def test_qkv_split_gradient_equals_autodiff_of_the_slices():
+  from humpback_jax.model import llama
+  rng = np.random.default_rng(0)
+  y = jax.numpy.asarray(rng.normal(size=(2, 5, 3, 4, 8)).astype(np.float32))  # [b, t, kv, g + 2, h]
+  cotangents = tuple(jax.numpy.asarray(rng.normal(size=s).astype(np.float32))
+                     for s in ((2, 5, 3, 2, 8), (2, 5, 3, 8), (2, 5, 3, 8)))
+  plain = lambda y: (y[..., :-2, :], y[..., -2, :], y[..., -1, :])
+  out, custom_vjp = jax.vjp(llama._split_qkv, y)
+  expected_out, plain_vjp = jax.vjp(plain, y)
+  for a, b in zip(out, expected_out):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(custom_vjp(cotangents)[0], plain_vjp(cotangents)[0])
