@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from humpback_jax import malloc_env  # noqa: E402  (before JAX starts: restarts once with the settings)
+
+malloc_env.restart_with_settings()
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402

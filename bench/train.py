@@ -21,6 +21,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from humpback_jax import malloc_env  # noqa: E402  (before JAX starts: restarts once with the settings)
+
+malloc_env.restart_with_settings()
 
 import jax
 import numpy as np

@@ -196,6 +196,9 @@ def _shutdown_together() -> None:
 
 def main(argv=None) -> int:
   """Entry point of the `humpback` console command."""
+  if argv is None:  # the console command itself: restart once with the malloc settings
+    from humpback_jax import malloc_env
+    malloc_env.restart_with_settings()
   args, rest = build_parser().parse_known_args(argv)
   overrides = [a for a in rest if a.startswith("--config.")]
   unknown = [a for a in rest if not a.startswith("--config.")]

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from humpback_jax import sharding
+from humpback_jax.kernels import cpu as cpu_kernels
 from humpback_jax.model import build
 
 PAPER_STEPS = ((3200, 500), (12800, 600), (25600, 1200), (51200, 1600))
@@ -129,7 +130,8 @@ def build_step(cfg, layout: sharding.Layout, optimizer, *, micro_batches: int = 
     def loss_sum(p):
       nll, count = token_nll(model_cfg, p, micro, rng if dropout_rate else None, layout)
       return nll, count
-    (nll, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+    with cpu_kernels.sequence_kernels(layout.mesh.devices.size == 1):  # float32 GEMMs + attention on CPU
+      (nll, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
     return nll, count, grads
 
   @functools.partial(jax.jit, in_shardings=(state_sh, batch_shardings),

@@ -1,13 +1,15 @@
-"""Our XLA:CPU decode kernels (`decode_kernels.cc`), built on first use and called through XLA's FFI.
+"""Our XLA:CPU kernels (`decode_kernels.cc`), built on first use and called through XLA's FFI.
 
 A decode step is a few rows times every weight, plus one query per row over the KV cache;
 XLA:CPU's Eigen GEMM and batched dot run those shapes far below the memory bandwidth that bounds
-them (bench/RESULTS.md). The C++ source (AVX2/FMA) is compiled once per machine with the system
+them (bench/RESULTS.md). The float32 train step uses a packed GEMM and a whole-sequence attention
+(forward and backward) instead of Eigen's GEMM and XLA's masked softmax around batched dots. The C++ source (AVX2/FMA) is compiled once per machine with the system
 C++ compiler against the FFI headers jaxlib ships, into `~/.cache/humpback_jax/kernels/` (or
 `$HUMPBACK_KERNEL_CACHE`), keyed by the source, compiler, jaxlib and CPU. Without a compiler or
 AVX2, on other backends, or with `HUMPBACK_CPU_KERNELS=0`, callers keep the plain-XLA path.
 Under a multi-device mesh XLA gathers the kernels' operands onto each device (correct, not fast):
-they serve single-device CPU decoding, which is how every host of ours decodes.
+they serve single-device CPU decoding, which is how every host of ours decodes, and the train step
+only on a single-device mesh (`sequence_kernels`).
 """
 from __future__ import annotations
 
@@ -30,10 +32,12 @@ import jaxlib
 import numpy as np
 
 SOURCE = Path(__file__).with_name("decode_kernels.cc")
-TARGETS = ("HumpbackPackedMatmul", "HumpbackDecodeAttention")
+TARGETS = ("HumpbackPackedMatmul", "HumpbackGemm", "HumpbackAttentionForward", "HumpbackAttentionBackward",
+           "HumpbackDecodeAttention")
 STRIP = 16  # columns per packed strip of a weight (decode_kernels.cc: kStrip)
 MAX_ROWS = 64  # larger decode batches keep XLA's GEMM
 _SMALL_MATMULS = contextvars.ContextVar("humpback_small_matmuls", default=False)
+_SEQUENCE_KERNELS = contextvars.ContextVar("humpback_sequence_kernels", default=False)
 COMPILE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -141,3 +145,87 @@ def decode_attention(q_bkgd, k_bskd, v_bskd, visible_bs, scale: float):
   out = jax.ShapeDtypeStruct(q_bkgd.shape, jnp.float32)
   return jax.ffi.ffi_call("HumpbackDecodeAttention", out)(
       q_bkgd, k_bskd, v_bskd, visible_bs.astype(jnp.int32), scale=np.float32(scale))
+
+
+@contextlib.contextmanager
+def sequence_kernels(enabled: bool = True):
+  """While tracing inside this context (and `enabled`), float32 dense layers and attention over
+  whole sequences take the GEMM and sequence-attention kernels, gradients included.
+
+  The train step opens it on single-device meshes: under a sharded mesh XLA would gather each
+  kernel's operands onto every device.
+  """
+  token = _SEQUENCE_KERNELS.set(enabled)
+  try:
+    yield
+  finally:
+    _SEQUENCE_KERNELS.reset(token)
+
+
+def wants_gemm(x2d, w) -> bool:
+  """Whether `x2d @ w` should take the GEMM kernel: inside `sequence_kernels()`, float32."""
+  return _SEQUENCE_KERNELS.get() and x2d.dtype == w.dtype == jnp.float32 and available()
+
+
+def wants_sequence_attention(q, k, v) -> bool:
+  """Whether attention of whole sequences should take the kernel: inside `sequence_kernels()`, float32."""
+  return _SEQUENCE_KERNELS.get() and q.dtype == k.dtype == v.dtype == jnp.float32 and available()
+
+
+def gemm(a, b, transpose_a: bool = False, transpose_b: bool = False):
+  """op(a) @ op(b) for 2-D float32 a and b through the packed GEMM kernel; op transposes when asked."""
+  m = a.shape[1] if transpose_a else a.shape[0]
+  n = b.shape[0] if transpose_b else b.shape[1]
+  out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+  return jax.ffi.ffi_call("HumpbackGemm", out)(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+@jax.custom_vjp
+def matmul(x, w):
+  """x [m, k] @ w [k, n] in float32 through the GEMM kernel, with its gradients through it too."""
+  return gemm(x, w)
+
+
+def _matmul_fwd(x, w):
+  return gemm(x, w), (x, w)
+
+
+def _matmul_bwd(residuals, dy):
+  x, w = residuals
+  return gemm(dy, w, transpose_b=True), gemm(x, dy, transpose_a=True)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def sequence_attention(q_btnd, k_bskd, v_bskd, mask_bts, scale: float):
+  """Attention of whole sequences (no cache): q [b, t, heads, d], k/v [b, s, kv, d], mask [b, t, s].
+
+  softmax(q k^T * scale, masked) v per KV group; a query with no visible key averages all keys, as
+  XLA's softmax over all-masked logits does. The forward saves each query's log-sum-exp; the
+  backward re-derives the probabilities from it.
+  """
+  return _attention_forward(q_btnd, k_bskd, v_bskd, mask_bts, scale)[0]
+
+
+def _attention_forward(q, k, v, mask, scale):
+  b, t, n, _ = q.shape
+  outs = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, n, t), jnp.float32))
+  return jax.ffi.ffi_call("HumpbackAttentionForward", outs)(q, k, v, mask, scale=np.float32(scale))
+
+
+def _attention_fwd(q, k, v, mask, scale):
+  out, lse = _attention_forward(q, k, v, mask, scale)
+  return out, (q, k, v, mask, out, lse)
+
+
+def _attention_bwd(scale, residuals, dout):
+  q, k, v, mask, out, lse = residuals
+  outs = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+  dq, dk, dv = jax.ffi.ffi_call("HumpbackAttentionBackward", outs)(q, k, v, mask, out, lse, dout,
+                                                                  scale=np.float32(scale))
+  return dq, dk, dv, None
+
+
+sequence_attention.defvjp(_attention_fwd, _attention_bwd)

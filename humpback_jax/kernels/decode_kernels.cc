@@ -1,4 +1,5 @@
-// CPU kernels for the decode step, called from XLA through its FFI (see cpu.py).
+// CPU kernels for the decode step and the float32 train step, called from XLA through its FFI
+// (see cpu.py).
 //
 // A decode step multiplies a few rows (one per sequence) by every weight matrix, and attends one
 // query per row over the KV cache. XLA:CPU sends both to Eigen, whose GEMM packs the whole weight
@@ -6,6 +7,9 @@
 // attention products at a fraction of memory bandwidth. Here each step reads each weight once,
 // from 16-column strips packed once per decode loop, into AVX2/FMA register tiles, and attention
 // reads only the visible cache slots; both split their work over XLA's intra-op threads.
+// The train step gets a packed GEMM (every dense layer and its two gradients) and a whole-sequence
+// attention, forward and backward, that skips the causal triangle and never materialises the
+// masks, transposes and softmax passes XLA builds around its batched dots.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -48,6 +52,23 @@ inline float HorizontalSum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// e^x for x <= 0 (Cephes' polynomial, as in avx_mathfun): inputs below -87.3 give ~0.
+inline __m256 ExpNonPositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -131,26 +152,369 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 }
 
 // ---------------------------------------------------------------------------------------------
+// General matmul c[m, n] = op(a) @ op(b), op a transpose or not, for the training step's dense
+// layers and their two gradients (x @ w, dy @ w^T, x^T @ dy). BLIS's scheme: both operands are
+// packed once per call (a into 6-row panels [m / 6, k, 6], b into 16-column strips [n / 16, k, 16],
+// zero-padded), then blocks of c are computed in parallel, each in 256-deep slices of k so that a
+// strip's slice (16 KB) stays in L1 while it meets every 6-row panel of the block (L2).
+
+constexpr int64_t kPanel = 6, kDepth = 256, kBlockRows = 96, kBlockCols = 256;
+
+#define HJ_PROW(r)                                             \
+  {                                                            \
+    const __m256 ar = _mm256_broadcast_ss(a + i * kPanel + r); \
+    c##r##0 = _mm256_fmadd_ps(ar, b0, c##r##0);                \
+    c##r##1 = _mm256_fmadd_ps(ar, b1, c##r##1);                \
+  }
+#define HJ_PSTORE(r)                                                                          \
+  if (accumulate) {                                                                           \
+    c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(c + r * ldc));                           \
+    c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(c + r * ldc + 8));                       \
+  }                                                                                           \
+  _mm256_storeu_ps(c + r * ldc, c##r##0);                                                     \
+  _mm256_storeu_ps(c + r * ldc + 8, c##r##1);
+
+// c[6, 16] (+)= a[depth, 6]^T-panel x b[depth, 16]-strip.
+void PanelTile(const float* a, const float* b, int64_t depth, float* c, int64_t ldc, bool accumulate) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t i = 0; i < depth; ++i) {
+    const __m256 b0 = _mm256_loadu_ps(b + i * kStrip), b1 = _mm256_loadu_ps(b + i * kStrip + 8);
+    HJ_PROW(0) HJ_PROW(1) HJ_PROW(2) HJ_PROW(3) HJ_PROW(4) HJ_PROW(5)
+  }
+  HJ_PSTORE(0) HJ_PSTORE(1) HJ_PSTORE(2) HJ_PSTORE(3) HJ_PSTORE(4) HJ_PSTORE(5)
+}
+#undef HJ_PROW
+#undef HJ_PSTORE
+
+// Packed operands are stored slice by slice of k (kDepth deep, the last one shorter), so that a
+// block's panels (or strips) for one slice are contiguous: slice k0 starts at k0 * units * width,
+// unit u of it at u * depth * width.
+inline int64_t PackedOffset(int64_t k0, int64_t k, int64_t units, int64_t u, int64_t width) {
+  return k0 * units * width + u * std::min(kDepth, k - k0) * width;
+}
+
+// Panel p of op(a) [m, k] (a stored [m, k], or [k, m] when transposed), rows past m zero.
+void PackPanel(const float* a, bool transposed, int64_t m, int64_t k, int64_t p, float* packed) {
+  const int64_t row0 = p * kPanel, rows = std::min(kPanel, m - row0), panels = (m + kPanel - 1) / kPanel;
+  for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
+    float* dst = packed + PackedOffset(k0, k, panels, p, kPanel);
+    for (int64_t i = k0; i < std::min(k, k0 + kDepth); ++i, dst += kPanel) {
+      for (int64_t r = 0; r < rows; ++r) dst[r] = transposed ? a[i * m + row0 + r] : a[(row0 + r) * k + i];
+      for (int64_t r = rows; r < kPanel; ++r) dst[r] = 0.f;
+    }
+  }
+}
+
+// Strip s of op(b) [k, n] (b stored [k, n], or [n, k] when transposed), columns past n zero.
+void PackStrip(const float* b, bool transposed, int64_t k, int64_t n, int64_t s, float* packed) {
+  const int64_t col0 = s * kStrip, cols = std::min(kStrip, n - col0), strips = (n + kStrip - 1) / kStrip;
+  for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
+    float* dst = packed + PackedOffset(k0, k, strips, s, kStrip);
+    const int64_t depth = std::min(kDepth, k - k0);
+    if (!transposed) {
+      for (int64_t i = 0; i < depth; ++i) {
+        const float* src = b + (k0 + i) * n + col0;
+        std::copy(src, src + cols, dst + i * kStrip);
+        std::fill(dst + i * kStrip + cols, dst + (i + 1) * kStrip, 0.f);
+      }
+      continue;
+    }
+    for (int64_t j = 0; j < kStrip; ++j) {
+      const float* src = b + (col0 + j) * k + k0;
+      for (int64_t i = 0; i < depth; ++i) dst[i * kStrip + j] = j < cols ? src[i] : 0.f;
+    }
+  }
+}
+
+ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b) {
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2)
+    return ffi::Error::InvalidArgument("gemm: expected 2-D a, b and c");
+  const int64_t m = transpose_a ? ad[1] : ad[0], k = transpose_a ? ad[0] : ad[1];
+  const int64_t n = transpose_b ? bd[0] : bd[1];
+  if ((transpose_b ? bd[1] : bd[0]) != k || cd[0] != m || cd[1] != n)
+    return ffi::Error::InvalidArgument("gemm: op(a) [m, k] @ op(b) [k, n] -> c [m, n] shapes disagree");
+  const int64_t panels = (m + kPanel - 1) / kPanel, strips = (n + kStrip - 1) / kStrip;
+  thread_local std::vector<float> packed;
+  packed.resize((panels * kPanel + strips * kStrip) * k);
+  float* const ap = packed.data();
+  float* const bp = ap + panels * kPanel * k;
+  const float *av = a.typed_data(), *bv = b.typed_data();
+  float* const cv = c->typed_data();
+  ParallelFor(pool, panels + strips, [=](int64_t i) {
+    if (i < panels) PackPanel(av, transpose_a, m, k, i, ap);
+    else PackStrip(bv, transpose_b, k, n, i - panels, bp);
+  });
+  const int64_t panels_per_block = kBlockRows / kPanel, strips_per_block = kBlockCols / kStrip;
+  const int64_t block_rows = (panels + panels_per_block - 1) / panels_per_block;
+  const int64_t block_cols = (strips + strips_per_block - 1) / strips_per_block;
+  ParallelFor(pool, block_rows * block_cols, [=](int64_t blk) {
+    const int64_t p0 = (blk / block_cols) * panels_per_block, p1 = std::min(panels, p0 + panels_per_block);
+    const int64_t s0 = (blk % block_cols) * strips_per_block, s1 = std::min(strips, s0 + strips_per_block);
+    alignas(32) float edge[kPanel * kStrip];
+    for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
+      const int64_t depth = std::min(kDepth, k - k0);
+      const bool accumulate = k0 > 0;
+      for (int64_t s = s0; s < s1; ++s) {
+        const float* strip = bp + PackedOffset(k0, k, strips, s, kStrip);
+        const int64_t col0 = s * kStrip, cols = std::min(kStrip, n - col0);
+        for (int64_t p = p0; p < p1; ++p) {
+          const float* panel = ap + PackedOffset(k0, k, panels, p, kPanel);
+          const int64_t row0 = p * kPanel, rows = std::min(kPanel, m - row0);
+          float* ct = cv + row0 * n + col0;
+          if (rows == kPanel && cols == kStrip) {
+            PanelTile(panel, strip, depth, ct, n, accumulate);
+            continue;
+          }
+          PanelTile(panel, strip, depth, edge, kStrip, false);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < cols; ++j)
+              ct[r * n + j] = accumulate ? ct[r * n + j] + edge[r * kStrip + j] : edge[r * kStrip + j];
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention of a whole sequence (training, scoring), forward and backward, one task per (row,
+// KV head): q [b, t, heads, d], k/v [b, s, kv, d], mask [b, t, s] -> out [b, t, heads, d] and
+// lse [b, heads, t] (log-sum-exp of each query's logits, what the backward re-derives P from).
+// Queries go in blocks of 64 that only compute logits up to their last visible key (the causal
+// triangle is skipped), every product through the 6x16 tile. A query with no visible key averages
+// all keys, as softmax over all-masked logits does (lse = +inf marks it).
+
+constexpr int64_t kQueryBlock = 64;
+
+// The 6x16 tile with its rows read in place: a row r, element i at a[r * ra + i * ia] (a row-major
+// block, or a transposed one), so that no operand of these d = 64 products needs packing.
+#define HJ_SROW(r)                                             \
+  if (R > r) {                                                 \
+    const __m256 ar = _mm256_broadcast_ss(a##r);               \
+    a##r += ia;                                                \
+    c##r##0 = _mm256_fmadd_ps(ar, b0, c##r##0);                \
+    c##r##1 = _mm256_fmadd_ps(ar, b1, c##r##1);                \
+  }
+#define HJ_SSTORE(r)                                                              \
+  if (R > r) {                                                                    \
+    if (accumulate) {                                                             \
+      c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(c + r * ldc));             \
+      c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(c + r * ldc + 8));         \
+    }                                                                             \
+    _mm256_storeu_ps(c + r * ldc, c##r##0);                                       \
+    _mm256_storeu_ps(c + r * ldc + 8, c##r##1);                                   \
+  }
+
+template <int R>
+void StridedTile(const float* a, int64_t ra, int64_t ia, const float* b, int64_t depth, float* c, int64_t ldc,
+                 bool accumulate) {
+  const float *a0 = a, *a1 = a + ra, *a2 = a + 2 * ra, *a3 = a + 3 * ra, *a4 = a + 4 * ra, *a5 = a + 5 * ra;
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t i = 0; i < depth; ++i) {
+    const __m256 b0 = _mm256_loadu_ps(b + i * kStrip), b1 = _mm256_loadu_ps(b + i * kStrip + 8);
+    HJ_SROW(0) HJ_SROW(1) HJ_SROW(2) HJ_SROW(3) HJ_SROW(4) HJ_SROW(5)
+  }
+  HJ_SSTORE(0) HJ_SSTORE(1) HJ_SSTORE(2) HJ_SSTORE(3) HJ_SSTORE(4) HJ_SSTORE(5)
+}
+#undef HJ_SROW
+#undef HJ_SSTORE
+
+// Packs [depth, cols] (element (i, c) at src[i * is + c * cs]) as 16-column strips [depth, 16].
+void PackStrips(const float* src, int64_t is, int64_t cs, int64_t depth, int64_t cols, float* dst) {
+  for (int64_t c0 = 0; c0 < cols; c0 += kStrip)
+    for (int64_t i = 0; i < depth; ++i)
+      for (int64_t c = c0; c < c0 + kStrip; ++c) *dst++ = c < cols ? src[i * is + c * cs] : 0.f;
+}
+
+// c[rows, cols] (+)= a [rows, depth] (strided as in StridedTile) @ strips [depth, cols], the strips
+// packed `stride` deep (only their first `depth` rows are read).
+void TileProduct(const float* a, int64_t ra, int64_t ia, const float* strips, int64_t stride, int64_t rows,
+                 int64_t depth, int64_t cols, float* c, int64_t ldc, bool accumulate) {
+  alignas(32) float edge[kPanel * kStrip];
+  for (int64_t c0 = 0; c0 < cols; c0 += kStrip) {
+    const float* strip = strips + (c0 / kStrip) * stride * kStrip;
+    const bool full = cols - c0 >= kStrip;
+    for (int64_t r0 = 0; r0 < rows; r0 += kPanel) {
+      const int64_t nr = std::min(kPanel, rows - r0);
+      const float* ar = a + r0 * ra;
+      float* ct = full ? c + r0 * ldc + c0 : edge;
+      const int64_t ld = full ? ldc : kStrip;
+      const bool acc = full && accumulate;
+      switch (nr) {
+        case 6: StridedTile<6>(ar, ra, ia, strip, depth, ct, ld, acc); break;
+        case 5: StridedTile<5>(ar, ra, ia, strip, depth, ct, ld, acc); break;
+        case 4: StridedTile<4>(ar, ra, ia, strip, depth, ct, ld, acc); break;
+        case 3: StridedTile<3>(ar, ra, ia, strip, depth, ct, ld, acc); break;
+        case 2: StridedTile<2>(ar, ra, ia, strip, depth, ct, ld, acc); break;
+        default: StridedTile<1>(ar, ra, ia, strip, depth, ct, ld, acc); break;
+      }
+      if (full) continue;
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t j = 0; j < cols - c0; ++j)
+          c[(r0 + r) * ldc + c0 + j] = (accumulate ? c[(r0 + r) * ldc + c0 + j] : 0.f) + edge[r * kStrip + j];
+    }
+  }
+}
+
+inline int64_t RoundUp(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+struct AttentionShape {
+  int64_t b, t, heads, d, s, kv, g;
+  int64_t q_row() const { return heads * d; }  // floats between consecutive positions of q, out
+  int64_t k_row() const { return kv * d; }
+};
+
+// Keys a block of queries needs: up to the last visible key of any of them (all when one sees none).
+int64_t KeysNeeded(const bool* mask, const AttentionShape& sh, int64_t i0, int64_t rows) {
+  int64_t end = 0;
+  for (int64_t i = i0; i < i0 + rows; ++i) {
+    const bool* row = mask + i * sh.s;
+    int64_t last = sh.s;
+    while (last > 0 && !row[last - 1]) --last;
+    end = std::max(end, last == 0 ? sh.s : last);
+  }
+  return end;
+}
+
+inline __m256 VisibleLanes(const bool* vis) {
+  const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vis)));
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(bytes, _mm256_setzero_si256()));
+}
+
+// Unscaled logits [rows, keys] of a query block -> probabilities of the scaled logits, in place;
+// the forward writes each row's log-sum-exp, the backward re-derives probabilities from it.
+void BlockSoftmax(float* p, int64_t ld, const bool* mask, const AttentionShape& sh, int64_t i0, int64_t rows,
+                  int64_t keys, float scale, float* lse_out, const float* lse_in) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = p + r * ld;
+    const bool* vis = mask + (i0 + r) * sh.s;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < keys; ++j)
+      if (vis[j]) mx = std::max(mx, row[j] * scale);
+    if (mx == -INFINITY) {  // no visible key
+      std::fill(row, row + keys, 1.f / sh.s);
+      if (lse_out) lse_out[r] = INFINITY;
+      continue;
+    }
+    if (lse_in) mx = lse_in[r];
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= keys; j += 8) {
+      const __m256 x = _mm256_fmsub_ps(_mm256_loadu_ps(row + j), vscale, vmx);
+      const __m256 e = _mm256_and_ps(ExpNonPositive(_mm256_min_ps(x, _mm256_setzero_ps())), VisibleLanes(vis + j));
+      _mm256_storeu_ps(row + j, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    float total = HorizontalSum(vsum);
+    for (; j < keys; ++j) total += (row[j] = vis[j] ? std::exp(std::min(row[j] * scale - mx, 0.f)) : 0.f);
+    if (lse_out) {
+      const __m256 inv = _mm256_set1_ps(1.f / total);
+      for (j = 0; j + 8 <= keys; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), inv));
+      for (; j < keys; ++j) row[j] *= 1.f / total;
+      lse_out[r] = mx + std::log(total);
+    }
+  }
+}
+
+ffi::Error AttentionShapeOf(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::PRED>& mask,
+                            AttentionShape* sh) {
+  auto qd = q.dimensions(), kd = k.dimensions(), md = mask.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || md.size() != 3 || kd[0] != qd[0] || kd[3] != qd[3] ||
+      qd[2] % kd[2] || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[1])
+    return ffi::Error::InvalidArgument("attention: expected q [b, t, heads, d], k/v [b, s, kv, d], mask [b, t, s]");
+  *sh = {qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], qd[2] / kd[2]};
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> lse, float scale) {
+  AttentionShape sh;
+  if (auto e = AttentionShapeOf(q, k, mask, &sh); e.failure()) return e;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const bool* mp = mask.typed_data();
+  float *op = out->typed_data(), *lp = lse->typed_data();
+  ParallelFor(pool, sh.b * sh.kv, [=](int64_t task) {
+    const int64_t bi = task / sh.kv, h = task % sh.kv, sp = RoundUp(sh.s, kStrip);
+    thread_local std::vector<float> kt, vs, probs;
+    kt.resize(sp * sh.d), vs.resize(RoundUp(sh.d, kStrip) * sh.s), probs.resize(kQueryBlock * sp);
+    const float* kh = kp + bi * sh.s * sh.k_row() + h * sh.d;
+    PackStrips(kh, 1, sh.k_row(), sh.d, sh.s, kt.data());                                      // K^T [d, s]
+    PackStrips(vp + bi * sh.s * sh.k_row() + h * sh.d, sh.k_row(), 1, sh.s, sh.d, vs.data());  // V [s, d]
+    const bool* mb = mp + bi * sh.t * sh.s;
+    for (int64_t head = h * sh.g; head < (h + 1) * sh.g; ++head)
+      for (int64_t i0 = 0; i0 < sh.t; i0 += kQueryBlock) {
+        const int64_t rows = std::min(kQueryBlock, sh.t - i0), keys = KeysNeeded(mb, sh, i0, rows);
+        const int64_t at = (bi * sh.t + i0) * sh.q_row() + head * sh.d;
+        TileProduct(qp + at, sh.q_row(), 1, kt.data(), sh.d, rows, sh.d, keys, probs.data(), sp, false);
+        BlockSoftmax(probs.data(), sp, mb, sh, i0, rows, keys, scale, lp + (bi * sh.heads + head) * sh.t + i0,
+                     nullptr);
+        TileProduct(probs.data(), sp, 1, vs.data(), sh.s, rows, keys, sh.d, op + at, sh.q_row(), false);
+      }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out,
+                             ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale) {
+  AttentionShape sh;
+  if (auto e = AttentionShapeOf(q, k, mask, &sh); e.failure()) return e;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *op = out.typed_data();
+  const float *lp = lse.typed_data(), *gp = dout.typed_data();
+  const bool* mp = mask.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  ParallelFor(pool, sh.b * sh.kv, [=](int64_t task) {
+    const int64_t bi = task / sh.kv, h = task % sh.kv, sp = RoundUp(sh.s, kStrip), dp = RoundUp(sh.d, kStrip);
+    thread_local std::vector<float> kt, vt, ks, probs, dlogits, strips, dk_acc, dv_acc;
+    kt.resize(sp * sh.d), vt.resize(sp * sh.d), ks.resize(dp * sh.s), strips.resize(kQueryBlock * dp);
+    probs.resize(kQueryBlock * sp), dlogits.resize(kQueryBlock * sp);
+    dk_acc.assign(sh.s * sh.d, 0.f), dv_acc.assign(sh.s * sh.d, 0.f);
+    const float* kh = kp + bi * sh.s * sh.k_row() + h * sh.d;
+    const float* vh = vp + bi * sh.s * sh.k_row() + h * sh.d;
+    PackStrips(kh, 1, sh.k_row(), sh.d, sh.s, kt.data());  // K^T [d, s]
+    PackStrips(vh, 1, sh.k_row(), sh.d, sh.s, vt.data());  // V^T [d, s]
+    PackStrips(kh, sh.k_row(), 1, sh.s, sh.d, ks.data());  // K [s, d]
+    const bool* mb = mp + bi * sh.t * sh.s;
+    for (int64_t head = h * sh.g; head < (h + 1) * sh.g; ++head)
+      for (int64_t i0 = 0; i0 < sh.t; i0 += kQueryBlock) {
+        const int64_t rows = std::min(kQueryBlock, sh.t - i0), keys = KeysNeeded(mb, sh, i0, rows);
+        const int64_t at = (bi * sh.t + i0) * sh.q_row() + head * sh.d;
+        TileProduct(qp + at, sh.q_row(), 1, kt.data(), sh.d, rows, sh.d, keys, probs.data(), sp, false);
+        BlockSoftmax(probs.data(), sp, mb, sh, i0, rows, keys, scale, nullptr, lp + (bi * sh.heads + head) * sh.t + i0);
+        TileProduct(gp + at, sh.q_row(), 1, vt.data(), sh.d, rows, sh.d, keys, dlogits.data(), sp, false);  // dO V^T
+        for (int64_t r = 0; r < rows; ++r) {  // d(scaled logits) = P * (dP - rowsum(dO * O)), times scale
+          const float *o_r = op + at + r * sh.q_row(), *g_r = gp + at + r * sh.q_row();
+          float delta = 0.f;
+          for (int64_t e = 0; e < sh.d; ++e) delta += o_r[e] * g_r[e];
+          float *pr = probs.data() + r * sp, *dr = dlogits.data() + r * sp;
+          for (int64_t j = 0; j < keys; ++j) dr[j] = scale * pr[j] * (dr[j] - delta);
+        }
+        TileProduct(dlogits.data(), sp, 1, ks.data(), sh.s, rows, keys, sh.d, dqp + at, sh.q_row(), false);
+        PackStrips(qp + at, sh.q_row(), 1, rows, sh.d, strips.data());  // dK += dS^T Q
+        TileProduct(dlogits.data(), 1, sp, strips.data(), rows, keys, rows, sh.d, dk_acc.data(), sh.d, true);
+        PackStrips(gp + at, sh.q_row(), 1, rows, sh.d, strips.data());  // dV += P^T dO
+        TileProduct(probs.data(), 1, sp, strips.data(), rows, keys, rows, sh.d, dv_acc.data(), sh.d, true);
+      }
+    for (int64_t j = 0; j < sh.s; ++j) {
+      std::copy(dk_acc.begin() + j * sh.d, dk_acc.begin() + (j + 1) * sh.d, dkp + (bi * sh.s + j) * sh.k_row() + h * sh.d);
+      std::copy(dv_acc.begin() + j * sh.d, dv_acc.begin() + (j + 1) * sh.d, dvp + (bi * sh.s + j) * sh.k_row() + h * sh.d);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
 // One query per row over the cache: q [b, kv, g, d], k/v [b, s, kv, d], visible [b, s] (nonzero =
 // a filled slot the query may see) -> out [b, kv, g, d]; d a multiple of 8. Only visible slots are
 // read. A row with no visible slot averages every slot, as softmax over all-masked logits does.
-
-// e^x for x <= 0 (Cephes' polynomial, as in avx_mathfun): inputs below -87.3 give ~0.
-inline __m256 ExpNonPositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
-}
 
 // probs[0, n) <- softmax(logits[0, n)), in place.
 void SoftmaxInPlace(float* p, int64_t n) {
@@ -233,6 +597,41 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackPackedMatmul, PackedMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackGemm, Gemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackAttentionForward, AttentionForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackAttentionBackward, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()

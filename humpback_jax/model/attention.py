@@ -42,6 +42,8 @@ def dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask, impl: str = "xla", index
   impl = _impl(impl)
   if impl == "xla" and jax.default_backend() == "cpu":
     t = q_btnh.shape[1]
+    if t > 1 and cpu_kernels.wants_sequence_attention(q_btnh, k_bsnh, v_bsnh):
+      return cpu_kernels.sequence_attention(q_btnh, k_bsnh, v_bsnh, mask[:, 0], 1.0 / q_btnh.shape[-1] ** 0.5)
     if index_causal and t == k_bsnh.shape[1] and t % CAUSAL_BLOCK == 0 and t > CAUSAL_BLOCK:
       return _block_causal_attention(q_btnh, k_bsnh, v_bsnh, mask, CAUSAL_BLOCK)
     return _grouped_attention(q_btnh, k_bsnh, v_bsnh, mask)

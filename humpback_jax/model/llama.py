@@ -45,6 +45,8 @@ def dense(x, w, in_dims: int = 1, out_dtype=None):
   x2d, w2d = x.reshape(-1, k), w.reshape(k, -1).astype(x.dtype)
   if cpu_kernels.wants_small_matmul(x2d, w2d):  # decoding on CPU: a few rows times every weight
     y = cpu_kernels.small_matmul(x2d, w2d)
+  elif cpu_kernels.wants_gemm(x2d, w2d):  # the float32 train step on one CPU device
+    y = cpu_kernels.matmul(x2d, w2d)
   else:
     y = jnp.dot(x2d, w2d, preferred_element_type=out_dtype)
   return y.reshape(*lead, *w.shape[in_dims:])
