@@ -160,32 +160,41 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
 constexpr int64_t kPanel = 6, kDepth = 256, kBlockRows = 96, kBlockCols = 256;
 
-#define HJ_PROW(r)                                             \
-  {                                                            \
-    const __m256 ar = _mm256_broadcast_ss(a + i * kPanel + r); \
+// c[R, 16] (+)= a [R, depth] @ b, a 16-column strip [depth, 16]; row r of a, element i at
+// a[r * ra + i * ia]: a packed 6-row panel (ra = 1, ia = 6), or rows read in place (a row-major or
+// transposed block), so that the attention's d = 64 products need no packing.
+#define HJ_SROW(r)                                             \
+  if (R > r) {                                                 \
+    const __m256 ar = _mm256_broadcast_ss(a##r);               \
+    a##r += ia;                                                \
     c##r##0 = _mm256_fmadd_ps(ar, b0, c##r##0);                \
     c##r##1 = _mm256_fmadd_ps(ar, b1, c##r##1);                \
   }
-#define HJ_PSTORE(r)                                                                          \
-  if (accumulate) {                                                                           \
-    c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(c + r * ldc));                           \
-    c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(c + r * ldc + 8));                       \
-  }                                                                                           \
-  _mm256_storeu_ps(c + r * ldc, c##r##0);                                                     \
-  _mm256_storeu_ps(c + r * ldc + 8, c##r##1);
+#define HJ_SSTORE(r)                                                              \
+  if (R > r) {                                                                    \
+    if (accumulate) {                                                             \
+      c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(c + r * ldc));             \
+      c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(c + r * ldc + 8));         \
+    }                                                                             \
+    _mm256_storeu_ps(c + r * ldc, c##r##0);                                       \
+    _mm256_storeu_ps(c + r * ldc + 8, c##r##1);                                   \
+  }
 
-// c[6, 16] (+)= a[depth, 6]^T-panel x b[depth, 16]-strip.
-void PanelTile(const float* a, const float* b, int64_t depth, float* c, int64_t ldc, bool accumulate) {
+template <int R>
+void StridedTile(const float* a, int64_t ra, int64_t ia, const float* b, int64_t depth, float* c, int64_t ldc,
+                 bool accumulate) {
+  const float *a0 = a, *a1 = a + ra, *a2 = a + 2 * ra, *a3 = a + 3 * ra, *a4 = a + 4 * ra, *a5 = a + 5 * ra;
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int64_t i = 0; i < depth; ++i) {
     const __m256 b0 = _mm256_loadu_ps(b + i * kStrip), b1 = _mm256_loadu_ps(b + i * kStrip + 8);
-    HJ_PROW(0) HJ_PROW(1) HJ_PROW(2) HJ_PROW(3) HJ_PROW(4) HJ_PROW(5)
+    HJ_SROW(0) HJ_SROW(1) HJ_SROW(2) HJ_SROW(3) HJ_SROW(4) HJ_SROW(5)
   }
-  HJ_PSTORE(0) HJ_PSTORE(1) HJ_PSTORE(2) HJ_PSTORE(3) HJ_PSTORE(4) HJ_PSTORE(5)
+  HJ_SSTORE(0) HJ_SSTORE(1) HJ_SSTORE(2) HJ_SSTORE(3) HJ_SSTORE(4) HJ_SSTORE(5)
 }
-#undef HJ_PROW
-#undef HJ_PSTORE
+#undef HJ_SROW
+#undef HJ_SSTORE
+
 
 // Packed operands are stored slice by slice of k (kDepth deep, the last one shorter), so that a
 // block's panels (or strips) for one slice are contiguous: slice k0 starts at k0 * units * width,
@@ -265,10 +274,10 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
           const int64_t row0 = p * kPanel, rows = std::min(kPanel, m - row0);
           float* ct = cv + row0 * n + col0;
           if (rows == kPanel && cols == kStrip) {
-            PanelTile(panel, strip, depth, ct, n, accumulate);
+            StridedTile<kPanel>(panel, 1, kPanel, strip, depth, ct, n, accumulate);
             continue;
           }
-          PanelTile(panel, strip, depth, edge, kStrip, false);
+          StridedTile<kPanel>(panel, 1, kPanel, strip, depth, edge, kStrip, false);
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t j = 0; j < cols; ++j)
               ct[r * n + j] = accumulate ? ct[r * n + j] + edge[r * kStrip + j] : edge[r * kStrip + j];
@@ -288,40 +297,6 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
 // all keys, as softmax over all-masked logits does (lse = +inf marks it).
 
 constexpr int64_t kQueryBlock = 64;
-
-// The 6x16 tile with its rows read in place: a row r, element i at a[r * ra + i * ia] (a row-major
-// block, or a transposed one), so that no operand of these d = 64 products needs packing.
-#define HJ_SROW(r)                                             \
-  if (R > r) {                                                 \
-    const __m256 ar = _mm256_broadcast_ss(a##r);               \
-    a##r += ia;                                                \
-    c##r##0 = _mm256_fmadd_ps(ar, b0, c##r##0);                \
-    c##r##1 = _mm256_fmadd_ps(ar, b1, c##r##1);                \
-  }
-#define HJ_SSTORE(r)                                                              \
-  if (R > r) {                                                                    \
-    if (accumulate) {                                                             \
-      c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(c + r * ldc));             \
-      c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(c + r * ldc + 8));         \
-    }                                                                             \
-    _mm256_storeu_ps(c + r * ldc, c##r##0);                                       \
-    _mm256_storeu_ps(c + r * ldc + 8, c##r##1);                                   \
-  }
-
-template <int R>
-void StridedTile(const float* a, int64_t ra, int64_t ia, const float* b, int64_t depth, float* c, int64_t ldc,
-                 bool accumulate) {
-  const float *a0 = a, *a1 = a + ra, *a2 = a + 2 * ra, *a3 = a + 3 * ra, *a4 = a + 4 * ra, *a5 = a + 5 * ra;
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int64_t i = 0; i < depth; ++i) {
-    const __m256 b0 = _mm256_loadu_ps(b + i * kStrip), b1 = _mm256_loadu_ps(b + i * kStrip + 8);
-    HJ_SROW(0) HJ_SROW(1) HJ_SROW(2) HJ_SROW(3) HJ_SROW(4) HJ_SROW(5)
-  }
-  HJ_SSTORE(0) HJ_SSTORE(1) HJ_SSTORE(2) HJ_SSTORE(3) HJ_SSTORE(4) HJ_SSTORE(5)
-}
-#undef HJ_SROW
-#undef HJ_SSTORE
 
 // Packs [depth, cols] (element (i, c) at src[i * is + c * cs]) as 16-column strips [depth, 16].
 void PackStrips(const float* src, int64_t is, int64_t cs, int64_t depth, int64_t cols, float* dst) {
