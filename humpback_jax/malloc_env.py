@@ -28,10 +28,8 @@ def restart_with_settings(environ=os.environ, execv=os.execv) -> None:
   Call it first thing in a command-line entry point (never in library code or tests: it replaces
   the process). `HUMPBACK_MALLOC_DEFAULTS=0` opts out.
   """
-  if environ.get(OPT_OUT, "1") == "0" or platform.libc_ver()[0] != "glibc":
-    return
-  todo = missing(environ)
-  if not todo:
+  todo = missing(environ)  # empty after the restart: the libc check below reads the interpreter file
+  if not todo or environ.get(OPT_OUT, "1") == "0" or platform.libc_ver()[0] != "glibc":
     return
   environ.update(todo)
   execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -100,17 +100,21 @@ def available() -> bool:
 
 
 @contextlib.contextmanager
+def _switched(switch: contextvars.ContextVar, value: bool):
+  token = switch.set(value)
+  try:
+    yield
+  finally:
+    switch.reset(token)
+
+
 def small_matmuls():
   """While tracing inside this context, `wants_small_matmul` may say yes (see `small_matmul`).
 
   `generate.decode` opens it around its while loop, where the weights are packed once per loop.
   A single forward (prefill, scoring, training) would pay the packing for one use, so it stays out.
   """
-  token = _SMALL_MATMULS.set(True)
-  try:
-    yield
-  finally:
-    _SMALL_MATMULS.reset(token)
+  return _switched(_SMALL_MATMULS, True)
 
 
 def wants_small_matmul(x2d, w) -> bool:
@@ -147,7 +151,6 @@ def decode_attention(q_bkgd, k_bskd, v_bskd, visible_bs, scale: float):
       q_bkgd, k_bskd, v_bskd, visible_bs.astype(jnp.int32), scale=np.float32(scale))
 
 
-@contextlib.contextmanager
 def sequence_kernels(enabled: bool = True):
   """While tracing inside this context (and `enabled`), float32 dense layers and attention over
   whole sequences take the GEMM and sequence-attention kernels, gradients included.
@@ -155,11 +158,7 @@ def sequence_kernels(enabled: bool = True):
   The train step opens it on single-device meshes: under a sharded mesh XLA would gather each
   kernel's operands onto every device.
   """
-  token = _SEQUENCE_KERNELS.set(enabled)
-  try:
-    yield
-  finally:
-    _SEQUENCE_KERNELS.reset(token)
+  return _switched(_SEQUENCE_KERNELS, enabled)
 
 
 def wants_gemm(x2d, w) -> bool:

@@ -368,15 +368,14 @@ void BlockSoftmax(float* p, int64_t ld, const bool* mask, const AttentionShape& 
   for (int64_t r = 0; r < rows; ++r) {
     float* row = p + r * ld;
     const bool* vis = mask + (i0 + r) * sh.s;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < keys; ++j)
+    float mx = lse_in ? lse_in[r] : -INFINITY;  // the backward subtracts the saved log-sum-exp
+    for (int64_t j = 0; j < keys && !lse_in; ++j)
       if (vis[j]) mx = std::max(mx, row[j] * scale);
-    if (mx == -INFINITY) {  // no visible key
+    if (std::isinf(mx)) {  // no visible key (the forward saved +inf for such a row)
       std::fill(row, row + keys, 1.f / sh.s);
       if (lse_out) lse_out[r] = INFINITY;
       continue;
     }
-    if (lse_in) mx = lse_in[r];
     const __m256 vmx = _mm256_set1_ps(mx);
     __m256 vsum = _mm256_setzero_ps();
     int64_t j = 0;
@@ -423,15 +422,16 @@ ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
     PackStrips(kh, 1, sh.k_row(), sh.d, sh.s, kt.data());                                      // K^T [d, s]
     PackStrips(vp + bi * sh.s * sh.k_row() + h * sh.d, sh.k_row(), 1, sh.s, sh.d, vs.data());  // V [s, d]
     const bool* mb = mp + bi * sh.t * sh.s;
-    for (int64_t head = h * sh.g; head < (h + 1) * sh.g; ++head)
-      for (int64_t i0 = 0; i0 < sh.t; i0 += kQueryBlock) {
-        const int64_t rows = std::min(kQueryBlock, sh.t - i0), keys = KeysNeeded(mb, sh, i0, rows);
+    for (int64_t i0 = 0; i0 < sh.t; i0 += kQueryBlock) {
+      const int64_t rows = std::min(kQueryBlock, sh.t - i0), keys = KeysNeeded(mb, sh, i0, rows);
+      for (int64_t head = h * sh.g; head < (h + 1) * sh.g; ++head) {
         const int64_t at = (bi * sh.t + i0) * sh.q_row() + head * sh.d;
         TileProduct(qp + at, sh.q_row(), 1, kt.data(), sh.d, rows, sh.d, keys, probs.data(), sp, false);
         BlockSoftmax(probs.data(), sp, mb, sh, i0, rows, keys, scale, lp + (bi * sh.heads + head) * sh.t + i0,
                      nullptr);
         TileProduct(probs.data(), sp, 1, vs.data(), sh.s, rows, keys, sh.d, op + at, sh.q_row(), false);
       }
+    }
   });
   return ffi::Error::Success();
 }
@@ -458,9 +458,9 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
     PackStrips(vh, 1, sh.k_row(), sh.d, sh.s, vt.data());  // V^T [d, s]
     PackStrips(kh, sh.k_row(), 1, sh.s, sh.d, ks.data());  // K [s, d]
     const bool* mb = mp + bi * sh.t * sh.s;
-    for (int64_t head = h * sh.g; head < (h + 1) * sh.g; ++head)
-      for (int64_t i0 = 0; i0 < sh.t; i0 += kQueryBlock) {
-        const int64_t rows = std::min(kQueryBlock, sh.t - i0), keys = KeysNeeded(mb, sh, i0, rows);
+    for (int64_t i0 = 0; i0 < sh.t; i0 += kQueryBlock) {
+      const int64_t rows = std::min(kQueryBlock, sh.t - i0), keys = KeysNeeded(mb, sh, i0, rows);
+      for (int64_t head = h * sh.g; head < (h + 1) * sh.g; ++head) {
         const int64_t at = (bi * sh.t + i0) * sh.q_row() + head * sh.d;
         TileProduct(qp + at, sh.q_row(), 1, kt.data(), sh.d, rows, sh.d, keys, probs.data(), sp, false);
         BlockSoftmax(probs.data(), sp, mb, sh, i0, rows, keys, scale, nullptr, lp + (bi * sh.heads + head) * sh.t + i0);
@@ -478,6 +478,7 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
         PackStrips(gp + at, sh.q_row(), 1, rows, sh.d, strips.data());  // dV += P^T dO
         TileProduct(probs.data(), 1, sp, strips.data(), rows, keys, rows, sh.d, dv_acc.data(), sh.d, true);
       }
+    }
     for (int64_t j = 0; j < sh.s; ++j) {
       std::copy(dk_acc.begin() + j * sh.d, dk_acc.begin() + (j + 1) * sh.d, dkp + (bi * sh.s + j) * sh.k_row() + h * sh.d);
       std::copy(dv_acc.begin() + j * sh.d, dv_acc.begin() + (j + 1) * sh.d, dvp + (bi * sh.s + j) * sh.k_row() + h * sh.d);
