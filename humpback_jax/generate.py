@@ -100,7 +100,8 @@ def sample_next(logits, key, temperature, top_p, top_k):
 def prefill(cfg, layout, params, tokens_bt, positions_bt, *, cache_len: int):
   """Runs left-padded prompts [b, t] (position -1 = pad) into a fresh cache of `cache_len` slots."""
   cache = kv_cache.init_cache(cfg, tokens_bt.shape[0], cache_len)
-  _, cache = build.forward(cfg, params, tokens_bt, positions_bt, cache=cache, layout=layout)
+  with cpu_kernels.sequence_kernels(layout.mesh):  # CPU: our GEMM and attention for whole prompts
+    _, cache = build.forward(cfg, params, tokens_bt, positions_bt, cache=cache, layout=layout)
   return cache
 
 
@@ -138,7 +139,8 @@ def decode(cfg, layout, params, cache, token_b, position_b, row_ids_b, max_new_b
 
 def continuation_logprob(cfg, layout, params, tokens_bt, segment_ids_bt, target_mask_bt):
   """Sum over marked tokens of log p(token | tokens before it), for right-padded rows [b, t]."""
-  logits, _ = build.forward(cfg, params, tokens_bt, None, segment_ids_bt, layout=layout)
+  with cpu_kernels.sequence_kernels(layout.mesh):
+    logits, _ = build.forward(cfg, params, tokens_bt, None, segment_ids_bt, layout=layout)
   logits, targets = logits[:, :-1], tokens_bt[:, 1:]
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   logp = picked - jax.nn.logsumexp(logits, axis=-1)

@@ -130,7 +130,7 @@ def build_step(cfg, layout: sharding.Layout, optimizer, *, micro_batches: int = 
     def loss_sum(p):
       nll, count = token_nll(model_cfg, p, micro, rng if dropout_rate else None, layout)
       return nll, count
-    with cpu_kernels.sequence_kernels(layout.mesh.devices.size == 1):  # float32 GEMMs + attention on CPU
+    with cpu_kernels.sequence_kernels(layout.mesh):  # float32 GEMMs + attention on CPU
       (nll, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
     return nll, count, grads
 

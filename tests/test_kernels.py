@@ -57,11 +57,32 @@ def _toy_engine(batch_size=2):
 
 def test_greedy_tokens_are_the_same_with_and_without_the_kernels(monkeypatch):
   prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
-  with_kernels = _toy_engine(batch_size=3).generate_ids(prompts, GREEDY, max_new_tokens=12)
+  engine = _toy_engine(batch_size=3)
+  with_kernels = engine.generate_ids(prompts, GREEDY, max_new_tokens=12)
+  programs = {part: program.as_text() for (_, part), program in engine._programs.items()}
+  assert "HumpbackGemm" in programs["prefill"] and "HumpbackAttentionForward" in programs["prefill"]
+  assert "HumpbackPackedMatmul" in programs["decode"] and "HumpbackDecodeAttention" in programs["decode"]
   monkeypatch.setattr(cpu_kernels, "available", lambda: False)
   engine = _toy_engine(batch_size=3)
   assert engine.generate_ids(prompts, GREEDY, max_new_tokens=12) == with_kernels
   assert all("Humpback" not in program.as_text() for program in engine._programs.values())
+
+
+def test_scores_are_the_same_with_and_without_the_kernels(monkeypatch):
+  prompts, continuations = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]], [[20, 21], [22], [23, 24, 25]]
+
+  def scores():
+    engine = _toy_engine(batch_size=3)
+    return (engine.loglikelihood(prompts, continuations), engine.next_token_probs(prompts, [30, 31, 32]),
+            "\n".join(program.as_text() for program in engine._programs.values()))
+
+  loglik, probs, hlo = scores()
+  assert "HumpbackGemm" in hlo and "HumpbackAttentionForward" in hlo
+  monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+  plain_loglik, plain_probs, hlo = scores()
+  assert "Humpback" not in hlo
+  np.testing.assert_allclose(loglik, plain_loglik, rtol=1e-5)
+  np.testing.assert_allclose(probs, plain_probs, rtol=1e-5)
 
 
 def test_decode_loop_packs_each_weight_once_outside_the_loop():

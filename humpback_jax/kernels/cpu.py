@@ -32,7 +32,7 @@ import jaxlib
 import numpy as np
 
 SOURCE = Path(__file__).with_name("decode_kernels.cc")
-TARGETS = ("HumpbackPackedMatmul", "HumpbackGemm", "HumpbackAttentionForward", "HumpbackAttentionBackward",
+TARGETS = ("HumpbackPackedMatmul", "HumpbackPackWeightStrips", "HumpbackGemm", "HumpbackAttentionForward", "HumpbackAttentionBackward",
            "HumpbackDecodeAttention")
 STRIP = 16  # columns per packed strip of a weight (decode_kernels.cc: kStrip)
 MAX_ROWS = 64  # larger decode batches keep XLA's GEMM
@@ -126,17 +126,16 @@ def wants_small_matmul(x2d, w) -> bool:
 def small_matmul(x_mk, w_kn):
   """x [m, k] @ w [k, n] -> [m, n] float32 for few rows, through the packed-strip kernel.
 
-  w is packed into 16-column strips [n / 16, k, 16] behind an optimization barrier: XLA hoists
-  the barrier (and the packing before it) out of a while loop, which it does not do for a bare
-  transpose, so a decode loop packs each weight once, not every step.
+  w is packed into 16-column strips [n / 16, k, 16] (by a kernel: XLA's transpose ran at ~1.6 GB/s)
+  behind an optimization barrier: XLA hoists the barrier (and the packing before it) out of a while
+  loop, so a decode loop packs each weight once, not every step.
   """
   k, n = w_kn.shape
-  pad = -n % STRIP
-  w_kn = jnp.pad(w_kn, ((0, 0), (0, pad))) if pad else w_kn
-  strips = jax.lax.optimization_barrier(w_kn.reshape(k, -1, STRIP).transpose(1, 0, 2))
+  packed = jax.ShapeDtypeStruct((-(-n // STRIP), k, STRIP), jnp.float32)
+  strips = jax.lax.optimization_barrier(jax.ffi.ffi_call("HumpbackPackWeightStrips", packed)(w_kn))
   out = jax.ShapeDtypeStruct((x_mk.shape[0], strips.shape[0] * STRIP), jnp.float32)
   y = jax.ffi.ffi_call("HumpbackPackedMatmul", out)(x_mk, strips)
-  return y[:, :n] if pad else y
+  return y[:, :n] if n % STRIP else y
 
 
 def wants_decode_attention(q, k, v) -> bool:
@@ -151,14 +150,14 @@ def decode_attention(q_bkgd, k_bskd, v_bskd, visible_bs, scale: float):
       q_bkgd, k_bskd, v_bskd, visible_bs.astype(jnp.int32), scale=np.float32(scale))
 
 
-def sequence_kernels(enabled: bool = True):
-  """While tracing inside this context (and `enabled`), float32 dense layers and attention over
-  whole sequences take the GEMM and sequence-attention kernels, gradients included.
+def sequence_kernels(mesh):
+  """While tracing inside this context, float32 dense layers and attention over whole sequences
+  take the GEMM and sequence-attention kernels, gradients included, if `mesh` has one device.
 
-  The train step opens it on single-device meshes: under a sharded mesh XLA would gather each
-  kernel's operands onto every device.
+  The train step, prefill and scoring open it. Under a sharded mesh XLA would gather each
+  kernel's operands onto every device, so there they keep XLA's ops.
   """
-  return _switched(_SEQUENCE_KERNELS, enabled)
+  return _switched(_SEQUENCE_KERNELS, mesh.devices.size == 1)
 
 
 def wants_gemm(x2d, w) -> bool:

@@ -92,16 +92,17 @@ constexpr int64_t kStrip = 16;
     _mm256_storeu_ps(y + r * n + 8, a##r##1);                  \
   }
 
-// `next` is the strip after this one: its lines are requested into L2 while this one computes
-// (standalone, 2 threads, 70 MB of weights: 32 rows at 116-124 GFLOP/s vs 108 without; 8 rows
-// stream ~12 GB/s either way, against ~20 GB/s for one row: this host's DRAM is the limit there).
+// While its tile computes, each of the `tiles` row tiles of a strip requests its share of the next
+// strip into L2 (`ahead`: its first byte, advanced `stride` bytes per step of k), so that the
+// strip's DRAM traffic is spread over the whole strip's compute rather than burst in the first tile.
 template <int R>
-void StripTile(const float* x, int64_t k, const float* strip, const float* next, float* y, int64_t n) {
+void StripTile(const float* x, int64_t k, const float* strip, const char* ahead, int64_t stride, float* y,
+               int64_t n) {
   static_assert(R >= 1 && R <= 6, "6 rows x 2 vectors = 12 accumulators of 16 registers");
   __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
   __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
   for (int64_t i = 0; i < k; ++i) {
-    _mm_prefetch(reinterpret_cast<const char*>(next + i * kStrip), _MM_HINT_T1);
+    _mm_prefetch(ahead + i * stride, _MM_HINT_T1);
     const __m256 w0 = _mm256_loadu_ps(strip + i * kStrip), w1 = _mm256_loadu_ps(strip + i * kStrip + 8);
     HJ_ROW(0) HJ_ROW(1) HJ_ROW(2) HJ_ROW(3) HJ_ROW(4) HJ_ROW(5)
   }
@@ -114,23 +115,48 @@ void StripTile(const float* x, int64_t k, const float* strip, const float* next,
 void StripAllRows(int64_t m, const float* x, int64_t k, const float* strip, const float* next, float* y,
                   int64_t n) {
   const int64_t tiles = (m + 5) / 6;
+  const int64_t stride = (64 + tiles - 1) / tiles;  // bytes of `next` per step of k, per tile
   for (int64_t t = 0, r = 0; t < tiles; ++t) {
     const int64_t rows = (m - r + (tiles - t) - 1) / (tiles - t);
     const float* xr = x + r * k;
     float* yr = y + r * n;
+    const char* ahead = reinterpret_cast<const char*>(next) + t * k * stride;
     switch (rows) {
-      case 6: StripTile<6>(xr, k, strip, next, yr, n); break;
-      case 5: StripTile<5>(xr, k, strip, next, yr, n); break;
-      case 4: StripTile<4>(xr, k, strip, next, yr, n); break;
-      case 3: StripTile<3>(xr, k, strip, next, yr, n); break;
-      case 2: StripTile<2>(xr, k, strip, next, yr, n); break;
-      default: StripTile<1>(xr, k, strip, next, yr, n); break;
+      case 6: StripTile<6>(xr, k, strip, ahead, stride, yr, n); break;
+      case 5: StripTile<5>(xr, k, strip, ahead, stride, yr, n); break;
+      case 4: StripTile<4>(xr, k, strip, ahead, stride, yr, n); break;
+      case 3: StripTile<3>(xr, k, strip, ahead, stride, yr, n); break;
+      case 2: StripTile<2>(xr, k, strip, ahead, stride, yr, n); break;
+      default: StripTile<1>(xr, k, strip, ahead, stride, yr, n); break;
     }
     r += rows;
   }
 }
 
 constexpr int64_t kStripsPerChunk = 8;
+
+// wp[n / 16, k, 16] from w[k, n], columns past n zero: the layout PackedMatmul reads. Each task
+// packs 8 strips, reading 512 contiguous bytes of each row of w (XLA's transpose ran at ~1.6 GB/s).
+ffi::Error PackWeightStrips(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> wp) {
+  auto wd = w.dimensions(), pd = wp->dimensions();
+  if (wd.size() != 2 || pd.size() != 3 || pd[0] != (wd[1] + kStrip - 1) / kStrip || pd[1] != wd[0] ||
+      pd[2] != kStrip)
+    return ffi::Error::InvalidArgument("pack_weight_strips: expected w [k, n] -> wp [ceil(n / 16), k, 16]");
+  const int64_t k = wd[0], n = wd[1], strips = pd[0];
+  const float* src = w.typed_data();
+  float* dst = wp->typed_data();
+  ParallelFor(pool, (strips + kStripsPerChunk - 1) / kStripsPerChunk, [=](int64_t c) {
+    const int64_t end = std::min(strips, (c + 1) * kStripsPerChunk);
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t s = c * kStripsPerChunk; s < end; ++s) {
+        const int64_t cols = std::min(kStrip, n - s * kStrip);
+        float* out = dst + (s * k + i) * kStrip;
+        std::copy(src + i * n + s * kStrip, src + i * n + s * kStrip + cols, out);
+        std::fill(out + cols, out + kStrip, 0.f);
+      }
+  });
+  return ffi::Error::Success();
+}
 
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wp,
                         ffi::ResultBuffer<ffi::F32> y) {
@@ -571,6 +597,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackPackedMatmul, PackedMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackPackWeightStrips, PackWeightStrips,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
