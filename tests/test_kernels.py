@@ -145,6 +145,24 @@ def test_sequence_attention_and_its_gradients_equal_xla(t, heads, kv, d):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows,d", [(7, 40), (130, 512)])
+def test_rms_norm_and_its_gradients_equal_xla(rows, d):
+  rng = np.random.default_rng(rows)
+  x, scale, dy = _normal(rng, (2, rows, d)), _normal(rng, (d,)), _normal(rng, (2, rows, d))
+
+  def plain(x, scale):
+    return scale * (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-5))
+
+  def pulled(norm):
+    y, vjp = jax.vjp(norm, x, scale)
+    return (y, *vjp(dy))
+
+  got = jax.jit(lambda: pulled(lambda x, s: cpu_kernels.rms_norm(x, s, 1e-5)))()
+  want = jax.jit(lambda: pulled(plain))()
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def _train_losses(shape=(1, 1, 1), steps=3):
   from configs import common
   from helpers import layout
@@ -167,7 +185,7 @@ def _train_losses(shape=(1, 1, 1), steps=3):
 
 def test_train_step_losses_are_the_same_with_and_without_the_kernels(monkeypatch):
   with_kernels, hlo = _train_losses()
-  assert "HumpbackGemm" in hlo and "HumpbackAttentionBackward" in hlo
+  assert "HumpbackGemm" in hlo and "HumpbackAttentionBackward" in hlo and "HumpbackRmsNormBackward" in hlo
   monkeypatch.setattr(cpu_kernels, "available", lambda: False)
   without, hlo = _train_losses()
   assert "Humpback" not in hlo

@@ -32,8 +32,9 @@ import jaxlib
 import numpy as np
 
 SOURCE = Path(__file__).with_name("decode_kernels.cc")
-TARGETS = ("HumpbackPackedMatmul", "HumpbackPackWeightStrips", "HumpbackGemm", "HumpbackAttentionForward", "HumpbackAttentionBackward",
-           "HumpbackDecodeAttention")
+TARGETS = ("HumpbackPackedMatmul", "HumpbackPackWeightStrips", "HumpbackDecodeAttention", "HumpbackGemm",
+           "HumpbackAttentionForward", "HumpbackAttentionBackward", "HumpbackRmsNormForward",
+           "HumpbackRmsNormBackward")
 STRIP = 16  # columns per packed strip of a weight (decode_kernels.cc: kStrip)
 MAX_ROWS = 64  # larger decode batches keep XLA's GEMM
 _SMALL_MATMULS = contextvars.ContextVar("humpback_small_matmuls", default=False)
@@ -227,3 +228,37 @@ def _attention_bwd(scale, residuals, dout):
 
 
 sequence_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def wants_rms_norm(x, scale) -> bool:
+  """Whether RMSNorm of `x` should take the kernel: inside `sequence_kernels()`, float32."""
+  return _SEQUENCE_KERNELS.get() and x.dtype == scale.dtype == jnp.float32 and available()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x, scale, eps: float):
+  """x [..., d] / sqrt(mean(x^2) + eps) * scale [d] in float32, forward and backward in one pass each."""
+  return _rms_norm_forward(x, scale, eps)[0]
+
+
+def _rms_norm_forward(x, scale, eps):
+  x2d = x.reshape(-1, x.shape[-1])
+  outs = (jax.ShapeDtypeStruct(x2d.shape, jnp.float32), jax.ShapeDtypeStruct(x2d.shape[:1], jnp.float32))
+  y, inv_rms = jax.ffi.ffi_call("HumpbackRmsNormForward", outs)(x2d, scale, eps=np.float32(eps))
+  return y.reshape(x.shape), inv_rms
+
+
+def _rms_norm_fwd(x, scale, eps):
+  y, inv_rms = _rms_norm_forward(x, scale, eps)
+  return y, (x, scale, inv_rms)
+
+
+def _rms_norm_bwd(eps, residuals, dy):
+  x, scale, inv_rms = residuals
+  x2d = x.reshape(-1, x.shape[-1])
+  outs = (jax.ShapeDtypeStruct(x2d.shape, jnp.float32), jax.ShapeDtypeStruct(scale.shape, jnp.float32))
+  dx, dscale = jax.ffi.ffi_call("HumpbackRmsNormBackward", outs)(x2d, scale, inv_rms, dy.reshape(x2d.shape))
+  return dx.reshape(x.shape), dscale
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)

@@ -60,6 +60,8 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
 
   def __call__(self, x):
+    if cpu_kernels.wants_rms_norm(x, self.scale[...]):  # the float32 train step on one CPU device
+      return cpu_kernels.rms_norm(x, self.scale[...], self.eps)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
@@ -171,9 +173,28 @@ class MLP(nnx.Module):
     self.down = _param(rngs, (cfg.mlp_dim, cfg.dim), ("mlp", "embed"), pd)
 
   def __call__(self, x, constrain=_noconstraint):
-    h = jax.nn.silu(dense(x, self.gate[...])) * dense(x, self.up[...])
-    h = constrain(h, ("batch", "length", "mlp"))
+    # Gate and up as one GEMM over [dim, mlp, 2] (each device keeps its own mlp columns): one larger
+    # matmul, and in the backward one dx GEMM and one dW GEMM instead of two of each.
+    gate, up = _split_pair(dense(x, jnp.stack([self.gate[...], self.up[...]], axis=-1)))
+    h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
     return dense(h, self.down[...])
+
+
+@jax.custom_vjp
+def _split_pair(y):
+  """[..., n, 2] -> y[..., 0], y[..., 1]; the gradient is one stack (not two padded slices added)."""
+  return y[..., 0], y[..., 1]
+
+
+def _split_pair_fwd(y):
+  return _split_pair(y), None
+
+
+def _split_pair_bwd(_, grads):
+  return (jnp.stack(grads, axis=-1),)
+
+
+_split_pair.defvjp(_split_pair_fwd, _split_pair_bwd)
 
 
 def _dropout(x, rate, rng):
