@@ -2,14 +2,16 @@
 
 A decode step is a few rows times every weight, plus one query per row over the KV cache;
 XLA:CPU's Eigen GEMM and batched dot run those shapes far below the memory bandwidth that bounds
-them (bench/RESULTS.md). The float32 train step uses a packed GEMM and a whole-sequence attention
-(forward and backward) instead of Eigen's GEMM and XLA's masked softmax around batched dots. The C++ source (AVX2/FMA) is compiled once per machine with the system
-C++ compiler against the FFI headers jaxlib ships, into `~/.cache/humpback_jax/kernels/` (or
+them (bench/RESULTS.md). Whole float32 sequences (the train step, prefill, scoring) use a packed
+GEMM, a whole-sequence attention and a one-pass RMSNorm (each forward and backward) instead of
+Eigen's GEMM, XLA's masked softmax around batched dots and its split reductions. The C++ source
+(AVX2/FMA) is compiled once per machine with the system C++ compiler against the FFI headers
+jaxlib ships, into `~/.cache/humpback_jax/kernels/` (or
 `$HUMPBACK_KERNEL_CACHE`), keyed by the source, compiler, jaxlib and CPU. Without a compiler or
 AVX2, on other backends, or with `HUMPBACK_CPU_KERNELS=0`, callers keep the plain-XLA path.
 Under a multi-device mesh XLA gathers the kernels' operands onto each device (correct, not fast):
-they serve single-device CPU decoding, which is how every host of ours decodes, and the train step
-only on a single-device mesh (`sequence_kernels`).
+they serve single-device CPU decoding, which is how every host of ours decodes, and whole
+sequences only on a single-device mesh (`sequence_kernels`).
 """
 from __future__ import annotations
 

@@ -7,9 +7,10 @@
 // attention products at a fraction of memory bandwidth. Here each step reads each weight once,
 // from 16-column strips packed once per decode loop, into AVX2/FMA register tiles, and attention
 // reads only the visible cache slots; both split their work over XLA's intra-op threads.
-// The train step gets a packed GEMM (every dense layer and its two gradients) and a whole-sequence
-// attention, forward and backward, that skips the causal triangle and never materialises the
-// masks, transposes and softmax passes XLA builds around its batched dots.
+// Whole sequences (the train step, prompt prefill, scoring) get a packed GEMM (every dense layer
+// and its two gradients), a whole-sequence attention, forward and backward, that skips the causal
+// triangle and never materialises the masks, transposes and softmax passes XLA builds around its
+// batched dots, and a one-pass RMSNorm (forward and backward).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -171,7 +172,8 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   float* yp = y->typed_data();
   // ~8 strips per task, in a number of near-equal tasks that the threads divide evenly (36 strips
   // in chunks of 8 left one thread 20 strips and the other 16).
-  const int64_t chunks = RoundUp((strips + kStripsPerChunk - 1) / kStripsPerChunk, std::max<int64_t>(1, pool.num_threads()));
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks = RoundUp((strips + kStripsPerChunk - 1) / kStripsPerChunk, threads);
   ParallelFor(pool, chunks, [=](int64_t c) {
     const int64_t end = (c + 1) * strips / chunks;
     for (int64_t s = c * strips / chunks; s < end; ++s) {
@@ -517,17 +519,12 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
 }
 
 // ---------------------------------------------------------------------------------------------
-// One query per row over the cache: q [b, kv, g, d], k/v [b, s, kv, d], visible [b, s] (nonzero =
-// a filled slot the query may see) -> out [b, kv, g, d]; d a multiple of 8. Only visible slots are
-// read. A row with no visible slot averages every slot, as softmax over all-masked logits does.
-
-// probs[0, n) <- softmax(logits[0, n)), in place.
-// ---------------------------------------------------------------------------------------------
-// RMSNorm of the train step, y = x * r * scale with r = 1 / sqrt(mean(x^2) + eps) per row, and its
-// backward in one pass: dx = r * (dy * scale - xn * mean(dy * scale * xn)) with xn = x * r, and
-// dscale = sum over rows of dy * xn. XLA built the scale gradient as a materialised product and a
-// split (reduce-window) column sum, ~5 ms per norm. Rows go in fixed chunks whose dscale partial
-// sums are added in chunk order, so the result does not depend on thread timing.
+// RMSNorm of whole sequences (train step, prefill), y = x * r * scale with r = 1 / sqrt(mean(x^2)
+// + eps) per row, and its backward in one pass: dx = r * (dy * scale - xn * mean(dy * scale * xn))
+// with xn = x * r, and dscale = sum over rows of dy * xn. XLA built the scale gradient as a
+// materialised product and a split (reduce-window) column sum, ~5 ms per norm. Rows go in fixed
+// chunks whose dscale partial sums are added in chunk order, so the result does not depend on
+// thread timing.
 
 constexpr int64_t kNormRowsPerChunk = 64;
 
@@ -595,6 +592,12 @@ ffi::Error RmsNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// One query per row over the cache: q [b, kv, g, d], k/v [b, s, kv, d], visible [b, s] (nonzero =
+// a filled slot the query may see) -> out [b, kv, g, d]; d a multiple of 8. Only visible slots are
+// read. A row with no visible slot averages every slot, as softmax over all-masked logits does.
+
+// probs[0, n) <- softmax(logits[0, n)), in place.
 void SoftmaxInPlace(float* p, int64_t n) {
   const float mx = *std::max_element(p, p + n);
   const __m256 vmx = _mm256_set1_ps(mx);
