@@ -233,8 +233,10 @@ sequence_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def wants_rms_norm(x, scale) -> bool:
-  """Whether RMSNorm of `x` should take the kernel: inside `sequence_kernels()`, float32."""
-  return _SEQUENCE_KERNELS.get() and x.dtype == scale.dtype == jnp.float32 and available()
+  """Whether RMSNorm of `x` should take the kernel: float32, inside `sequence_kernels()` or a decode
+  loop's `small_matmuls()` (there it is one call where XLA ran ~3 small fusions per norm)."""
+  return ((_SEQUENCE_KERNELS.get() or _SMALL_MATMULS.get()) and x.dtype == scale.dtype == jnp.float32
+          and available())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
