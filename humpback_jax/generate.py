@@ -79,6 +79,8 @@ def sample_next(logits, key, temperature, top_p, top_k):
   typed key or one per row [b]. The knobs may be traced scalars: changing them never recompiles.
   """
   def greedy():
+    if cpu_kernels.wants_argmax(logits):  # CPU decode loop: one vectorised pass, not a variadic reduce
+      return cpu_kernels.argmax(logits)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   def sample():

@@ -61,11 +61,26 @@ def test_greedy_tokens_are_the_same_with_and_without_the_kernels(monkeypatch):
   with_kernels = engine.generate_ids(prompts, GREEDY, max_new_tokens=12)
   programs = {part: program.as_text() for (_, part), program in engine._programs.items()}
   assert "HumpbackGemm" in programs["prefill"] and "HumpbackAttentionForward" in programs["prefill"]
-  assert all(f"Humpback{name}" in programs["decode"] for name in ("PackedMatmul", "DecodeAttention", "RmsNormForward"))
+  assert all(f"Humpback{name}" in programs["decode"]
+             for name in ("PackedMatmul", "DecodeAttention", "RmsNormForward", "Argmax"))
   monkeypatch.setattr(cpu_kernels, "available", lambda: False)
   engine = _toy_engine(batch_size=3)
   assert engine.generate_ids(prompts, GREEDY, max_new_tokens=12) == with_kernels
   assert all("Humpback" not in program.as_text() for program in engine._programs.values())
+
+
+def test_argmax_is_the_first_maximum_and_nan_wins_like_jnp():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 1003)).astype(np.float32)
+  x[1, [5, 700]] = 9.0  # a tie: the first index
+  x[2, 1001] = 9.0  # in the tail past the last full vector
+  x[3, [10, 400]] = np.nan  # the first NaN
+  x[4] = -np.inf
+  x[5, 1002] = np.nan
+  with cpu_kernels.small_matmuls():
+    got = jax.jit(lambda x: cpu_kernels.argmax(x) if cpu_kernels.wants_argmax(x) else None)(x)
+  np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(x), axis=-1))
+  assert list(np.asarray(got)[1:]) == [5, 1001, 10, 0, 1002]
 
 
 def test_scores_are_the_same_with_and_without_the_kernels(monkeypatch):

@@ -36,7 +36,7 @@ import numpy as np
 SOURCE = Path(__file__).with_name("decode_kernels.cc")
 TARGETS = ("HumpbackPackedMatmul", "HumpbackPackWeightStrips", "HumpbackDecodeAttention", "HumpbackGemm",
            "HumpbackAttentionForward", "HumpbackAttentionBackward", "HumpbackRmsNormForward",
-           "HumpbackRmsNormBackward")
+           "HumpbackRmsNormBackward", "HumpbackArgmax")
 STRIP = 16  # columns per packed strip of a weight (decode_kernels.cc: kStrip)
 MAX_ROWS = 64  # larger decode batches keep XLA's GEMM
 _SMALL_MATMULS = contextvars.ContextVar("humpback_small_matmuls", default=False)
@@ -139,6 +139,16 @@ def small_matmul(x_mk, w_kn):
   out = jax.ShapeDtypeStruct((x_mk.shape[0], strips.shape[0] * STRIP), jnp.float32)
   y = jax.ffi.ffi_call("HumpbackPackedMatmul", out)(x_mk, strips)
   return y[:, :n] if n % STRIP else y
+
+
+def wants_argmax(x) -> bool:
+  """Whether an argmax over the last axis of `x` should take the kernel: 2-D float32, in a decode loop."""
+  return _SMALL_MATMULS.get() and x.ndim == 2 and x.dtype == jnp.float32 and available()
+
+
+def argmax(x_rn):
+  """First index of each row's maximum [rows] int32, a NaN counting as the maximum (as jnp.argmax)."""
+  return jax.ffi.ffi_call("HumpbackArgmax", jax.ShapeDtypeStruct(x_rn.shape[:1], jnp.int32))(x_rn)
 
 
 def wants_decode_attention(q, k, v) -> bool:

@@ -670,6 +670,40 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Greedy decoding's argmax over the vocabulary: x [rows, n] -> out [rows], the first index of each
+// row's maximum, a NaN counting as the maximum (as XLA's argmax); one vectorised pass for the
+// maximum, one to find it (XLA's variadic reduce took ~1.2 ms for 32 x 49,152).
+ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> out) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[1] < 1) return ffi::Error::InvalidArgument("argmax: expected x [rows, n >= 1]");
+  const int64_t rows = xd[0], n = xd[1];
+  const float* xp = x.typed_data();
+  int32_t* op = out->typed_data();
+  ParallelFor(pool, rows, [=](int64_t r) {
+    const float* row = xp + r * n;
+    __m256 vmax = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 v = _mm256_loadu_ps(row + j);
+      unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      vmax = _mm256_max_ps(vmax, v);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vmax);
+    float best = *std::max_element(lanes, lanes + 8);
+    bool has_nan = _mm256_movemask_ps(unordered) != 0;
+    for (; j < n; ++j) {
+      if (std::isnan(row[j])) has_nan = true;
+      else best = std::max(best, row[j]);
+    }
+    int64_t at = 0;
+    while (at < n - 1 && !(has_nan ? std::isnan(row[at]) : row[at] == best)) ++at;
+    op[r] = static_cast<int32_t>(at);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackPackedMatmul, PackedMatmul,
@@ -748,3 +782,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackArgmax, Argmax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
