@@ -60,7 +60,7 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
 
   def __call__(self, x):
-    if cpu_kernels.wants_rms_norm(x, self.scale[...]):  # the float32 train step on one CPU device
+    if cpu_kernels.wants_rms_norm(x, self.scale[...]):  # CPU float32 on one device: a one-pass kernel
       return cpu_kernels.rms_norm(x, self.scale[...], self.eps)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
