@@ -648,9 +648,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       for (int64_t h = 0; h < heads; ++h) {
         const float* qh = qr + h * d;
         const float* kh = kt + (h / g) * d;
-        __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kh));
-        for (int64_t e = 8; e < d; e += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + e), _mm256_loadu_ps(kh + e), acc);
-        probs[h * n + i] = HorizontalSum(acc) * scale;
+        probs[h * n + i] = RowDot(qh, kh, d) * scale;
       }
     }
     for (int64_t h = 0; h < heads; ++h) SoftmaxInPlace(probs.data() + h * n, n);
