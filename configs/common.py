@@ -147,6 +147,7 @@ def pipeline_config(**overrides) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(dict(
       iterations=2,               # paper: two iterations (M_1, M_2)
       threshold_k=5.0,            # paper headline k=5 (k=4 also studied)
+      keep_top_fraction=1.0,      # open: < 1 also caps the kept share at the best fraction (1 = paper)
       curation_mode="generate",   # paper-faithful; or "expected" (next-token probabilities of 1..5)
       judge_temperature=0.0,      # open: greedy judge, so a rerun gives the same scores
       judge_max_new_tokens=256,   # open

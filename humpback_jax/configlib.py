@@ -63,7 +63,8 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
 
 
 def check(cfg, num_devices: int) -> None:
-  """All static checks of a run config: model fields, mesh shape vs devices, heads vs tensor axis."""
+  """All static checks of a run config: model fields, mesh shape vs devices, heads vs tensor axis,
+  batch splits, the curation share."""
   model_config_lib.validate_model(cfg.model)
   shape = sharding.resolve_mesh_shape(cfg.mesh.shape, num_devices)
   tensor = dict(zip(cfg.mesh.axes, shape)).get("tensor", 1)
@@ -83,3 +84,5 @@ def check(cfg, num_devices: int) -> None:
                         f"cannot be split over {data_ways} data-parallel devices (mesh.shape)")
     if t.seq_len > cfg.model.max_seq_len:
       raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+  if "pipeline" in cfg and not 0 < cfg.pipeline.keep_top_fraction <= 1:
+    raise ConfigError(f"pipeline.keep_top_fraction: must be in (0, 1], got {cfg.pipeline.keep_top_fraction}")

@@ -74,6 +74,12 @@ def test_batch_must_split_over_data_devices():
     configlib.check(cfg, num_devices=8)
 
 
+def test_curation_share_must_be_a_fraction():
+  cfg = configlib.load_config("configs/toy.py", ["config.pipeline.keep_top_fraction=1.5"])
+  with pytest.raises(ConfigError, match=r"pipeline.keep_top_fraction: must be in \(0, 1\], got 1.5"):
+    configlib.check(cfg, num_devices=1)
+
+
 def test_unknown_model_field_in_code():
   with pytest.raises(ConfigError, match="model.hidden: unknown model field"):
     model_config(hidden=3)

@@ -8,9 +8,12 @@ Two modes, both storing a per-candidate score so any threshold can be applied la
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from humpback_jax import generate
+from humpback_jax.errors import ConfigError
 from humpback_jax.method import prompts
 from humpback_jax.method.score_parser import parse_score
 from humpback_jax.tokenizer import render_chat
@@ -73,6 +76,18 @@ def score_candidates_by_expectation(engine, tokenizer, cfg, rows: list[dict]) ->
     result.append(dict(id=r["id"], expected_score=float(np.dot(q, np.arange(1, 6))),
                        score=int(np.argmax(q)) + 1, score_mass=mass, probs=[float(x) for x in q]))
   return result
+
+
+def threshold(scored: list[dict], k: float, mode: str, keep_top_fraction: float = 1.0) -> float:
+  """The score a candidate needs: k, raised to the score of the best `keep_top_fraction` of the scored
+  candidates when that is higher (ties at the cut are all kept). 1.0 is the paper's absolute k."""
+  if not 0 < keep_top_fraction <= 1:
+    raise ConfigError(f"pipeline.keep_top_fraction: must be in (0, 1], got {keep_top_fraction}")
+  key = "expected_score" if mode == "expected" else "score"
+  values = sorted((s[key] for s in scored if s.get(key) is not None), reverse=True)
+  if keep_top_fraction == 1 or not values:
+    return k
+  return max(k, values[math.ceil(keep_top_fraction * len(values)) - 1])
 
 
 def selected(scored: list[dict], k: float, mode: str) -> set[str]:

@@ -190,7 +190,8 @@ class Run:
                                                                  offsets[batch[0]["id"]])
     timing = self._sharded(name, candidates, work)
     scored = shards.merge(self.dir(name) / "shards", [r["id"] for r in candidates])
-    keep = curate.selected(scored, c.threshold_k, c.curation_mode)
+    k = curate.threshold(scored, c.threshold_k, c.curation_mode, c.keep_top_fraction)
+    keep = curate.selected(scored, k, c.curation_mode)
     curated = [r for r in candidates if r["id"] in keep]
     shards.write_atomic(self.dir(name) / "scores.jsonl", scored)
     shards.write_atomic(self.dir(name) / "curated.jsonl", curated)
@@ -205,7 +206,7 @@ class Run:
       print(f"[{name}] warning: no candidate reached threshold_k={c.threshold_k} ({seen}); "
             f"train_m{t + 1} trains on the seed alone", file=sys.stderr)
     return dict(candidates=len(candidates), curated=len(curated), threshold_k=c.threshold_k,
-                mode=c.curation_mode, unparsable=unparsed, **spread, **timing,
+                keep_top_fraction=c.keep_top_fraction, threshold_used=k, mode=c.curation_mode, unparsable=unparsed, **spread, **timing,
                 tokens_per_s=engine.stats.tokens_per_second, compiles=engine.stats.compiles)
 
   def _sharded(self, name, records, work):
