@@ -106,7 +106,8 @@ void StripTile(const float* x, int64_t k, const float* strip, const char* ahead,
   __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
   for (int64_t i = 0; i < k; ++i) {
     _mm_prefetch(ahead + i * stride, _MM_HINT_T1);
-    const __m256 w0 = _mm256_loadu_ps(strip + i * kStrip), w1 = _mm256_loadu_ps(strip + i * kStrip + 8);
+    __m256 w0 = _mm256_loadu_ps(strip + i * kStrip), w1 = _mm256_loadu_ps(strip + i * kStrip + 8);
+    asm("" : "+x"(w0), "+x"(w1));  // keep the strip row in registers (see StridedTile)
     HJ_ROW(0) HJ_ROW(1) HJ_ROW(2) HJ_ROW(3) HJ_ROW(4) HJ_ROW(5)
   }
   HJ_STORE(0) HJ_STORE(1) HJ_STORE(2) HJ_STORE(3) HJ_STORE(4) HJ_STORE(5)
@@ -225,7 +226,10 @@ void StridedTile(const float* a, int64_t ra, int64_t ia, const float* b, int64_t
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int64_t i = 0; i < depth; ++i) {
-    const __m256 b0 = _mm256_loadu_ps(b + i * kStrip), b1 = _mm256_loadu_ps(b + i * kStrip + 8);
+    __m256 b0 = _mm256_loadu_ps(b + i * kStrip), b1 = _mm256_loadu_ps(b + i * kStrip + 8);
+    // An empty asm that takes the strip row as register operands: without it GCC folded the two
+    // loads into each of the 12 FMAs, 18 loads per 12 FMAs, so the load ports set the pace.
+    asm("" : "+x"(b0), "+x"(b1));
     HJ_SROW(0) HJ_SROW(1) HJ_SROW(2) HJ_SROW(3) HJ_SROW(4) HJ_SROW(5)
   }
   HJ_SSTORE(0) HJ_SSTORE(1) HJ_SSTORE(2) HJ_SSTORE(3) HJ_SSTORE(4) HJ_SSTORE(5)
@@ -233,6 +237,14 @@ void StridedTile(const float* a, int64_t ra, int64_t ia, const float* b, int64_t
 #undef HJ_SROW
 #undef HJ_SSTORE
 
+// StridedTile compiled on its own. Inlined into TileProduct's row dispatch, GCC re-read the strip
+// row for every FMA, or, made to keep it in registers, spilled two accumulators to the stack every
+// iteration: the attention products ran at about half the GEMM's speed.
+template <int R>
+__attribute__((noinline)) void StridedTileApart(const float* a, int64_t ra, int64_t ia, const float* b,
+                                                int64_t depth, float* c, int64_t ldc, bool accumulate) {
+  StridedTile<R>(a, ra, ia, b, depth, c, ldc, accumulate);
+}
 
 // Packed operands are stored slice by slice of k (kDepth deep, the last one shorter), so that a
 // block's panels (or strips) for one slice are contiguous: slice k0 starts at k0 * units * width,
@@ -407,12 +419,12 @@ void TileProduct(const float* a, int64_t ra, int64_t ia, const float* strips, in
       const int64_t ld = full ? ldc : kStrip;
       const bool acc = full && accumulate;
       switch (nr) {
-        case 6: StridedTile<6>(ar, ra, ia, strip, depth, ct, ld, acc); break;
-        case 5: StridedTile<5>(ar, ra, ia, strip, depth, ct, ld, acc); break;
-        case 4: StridedTile<4>(ar, ra, ia, strip, depth, ct, ld, acc); break;
-        case 3: StridedTile<3>(ar, ra, ia, strip, depth, ct, ld, acc); break;
-        case 2: StridedTile<2>(ar, ra, ia, strip, depth, ct, ld, acc); break;
-        default: StridedTile<1>(ar, ra, ia, strip, depth, ct, ld, acc); break;
+        case 6: StridedTileApart<6>(ar, ra, ia, strip, depth, ct, ld, acc); break;
+        case 5: StridedTileApart<5>(ar, ra, ia, strip, depth, ct, ld, acc); break;
+        case 4: StridedTileApart<4>(ar, ra, ia, strip, depth, ct, ld, acc); break;
+        case 3: StridedTileApart<3>(ar, ra, ia, strip, depth, ct, ld, acc); break;
+        case 2: StridedTileApart<2>(ar, ra, ia, strip, depth, ct, ld, acc); break;
+        default: StridedTileApart<1>(ar, ra, ia, strip, depth, ct, ld, acc); break;
       }
       if (full) continue;
       for (int64_t r = 0; r < nr; ++r)
