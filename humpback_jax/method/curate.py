@@ -78,12 +78,16 @@ def score_candidates_by_expectation(engine, tokenizer, cfg, rows: list[dict]) ->
   return result
 
 
+def _score_key(mode: str) -> str:
+  return "expected_score" if mode == "expected" else "score"
+
+
 def threshold(scored: list[dict], k: float, mode: str, keep_top_fraction: float = 1.0) -> float:
   """The score a candidate needs: k, raised to the score of the best `keep_top_fraction` of the scored
   candidates when that is higher (ties at the cut are all kept). 1.0 is the paper's absolute k."""
   if not 0 < keep_top_fraction <= 1:
     raise ConfigError(f"pipeline.keep_top_fraction: must be in (0, 1], got {keep_top_fraction}")
-  key = "expected_score" if mode == "expected" else "score"
+  key = _score_key(mode)
   values = sorted((s[key] for s in scored if s.get(key) is not None), reverse=True)
   if keep_top_fraction == 1 or not values:
     return k
@@ -92,5 +96,5 @@ def threshold(scored: list[dict], k: float, mode: str, keep_top_fraction: float 
 
 def selected(scored: list[dict], k: float, mode: str) -> set[str]:
   """Ids kept at threshold k: score >= k (generate mode) or expected score >= k (expected mode)."""
-  key = "expected_score" if mode == "expected" else "score"
+  key = _score_key(mode)
   return {s["id"] for s in scored if s.get(key) is not None and s[key] >= k}
