@@ -57,6 +57,13 @@ inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The largest of v's lanes, taken in lane order by std::max (so a NaN lane is not propagated).
+inline float HorizontalMax(__m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  return *std::max_element(lanes, lanes + 8);
+}
+
 // e^x for x <= 0 (Cephes' polynomial, as in avx_mathfun): inputs below -87.3 give ~0.
 inline __m256 ExpNonPositive(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
@@ -80,6 +87,16 @@ inline __m256 ExpNonPositive(__m256 x) {
 // once from DRAM by the first row tile, then re-read from cache by the others.
 
 constexpr int64_t kStrip = 16;
+
+// One row of a strip: `cols` floats from src, zeros past them.
+inline void CopyStripRow(const float* src, int64_t cols, float* dst) {
+  if (cols == kStrip) {
+    _mm256_storeu_ps(dst, _mm256_loadu_ps(src)), _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
+    return;
+  }
+  std::copy(src, src + cols, dst);
+  std::fill(dst + cols, dst + kStrip, 0.f);
+}
 
 // Accumulators are named variables, not an array: GCC spills an array of __m256 to the stack on
 // every iteration (12 stores per 12 FMAs), which halved this loop's speed.
@@ -154,14 +171,7 @@ ffi::Error PackWeightStrips(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::
     for (int64_t i = 0; i < k; ++i)
       for (int64_t s = c * kStripsPerChunk; s < end; ++s) {
         const int64_t cols = std::min(kStrip, n - s * kStrip);
-        const float* in = src + i * n + s * kStrip;
-        float* out = dst + (s * k + i) * kStrip;
-        if (cols == kStrip) {
-          _mm256_storeu_ps(out, _mm256_loadu_ps(in)), _mm256_storeu_ps(out + 8, _mm256_loadu_ps(in + 8));
-          continue;
-        }
-        std::copy(in, in + cols, out);
-        std::fill(out + cols, out + kStrip, 0.f);
+        CopyStripRow(src + i * n + s * kStrip, cols, dst + (s * k + i) * kStrip);
       }
   });
   return ffi::Error::Success();
@@ -305,15 +315,7 @@ void PackStrip(const float* b, bool transposed, int64_t k, int64_t n, int64_t s,
     float* dst = packed + PackedOffset(k0, k, strips, s, kStrip);
     const int64_t depth = std::min(kDepth, k - k0);
     if (!transposed) {
-      for (int64_t i = 0; i < depth; ++i, dst += kStrip) {
-        const float* src = b + (k0 + i) * n + col0;
-        if (cols == kStrip) {
-          _mm256_storeu_ps(dst, _mm256_loadu_ps(src)), _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
-          continue;
-        }
-        std::copy(src, src + cols, dst);
-        std::fill(dst + cols, dst + kStrip, 0.f);
-      }
+      for (int64_t i = 0; i < depth; ++i) CopyStripRow(b + (k0 + i) * n + col0, cols, dst + i * kStrip);
       continue;
     }
     int64_t i = 0;
@@ -473,9 +475,7 @@ void BlockSoftmax(float* p, int64_t ld, const bool* mask, const AttentionShape& 
         const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(row + j), vscale);
         vmax = _mm256_max_ps(_mm256_blendv_ps(vmax, x, VisibleLanes(vis + j)), vmax);
       }
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, vmax);
-      mx = *std::max_element(lanes, lanes + 8);
+      mx = HorizontalMax(vmax);
       for (; j < keys; ++j)
         if (vis[j]) mx = std::max(mx, row[j] * scale);
     }
@@ -764,9 +764,7 @@ ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuff
       unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
       vmax = _mm256_max_ps(vmax, v);
     }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, vmax);
-    float best = *std::max_element(lanes, lanes + 8);
+    float best = HorizontalMax(vmax);
     bool has_nan = _mm256_movemask_ps(unordered) != 0;
     for (; j < n; ++j) {
       if (std::isnan(row[j])) has_nan = true;
