@@ -28,6 +28,17 @@ def test_small_matmul_equals_xla_dot(m, k, n):
   np.testing.assert_allclose(got, jnp.dot(x, w, precision="highest"), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("m,k,f", [(1, 64, 24), (5, 72, 13), (8, 96, 40), (32, 576, 1536)])
+def test_swiglu_matmul_equals_silu_gate_times_up(m, k, f):
+  """The decode step's SwiGLU in the matmul epilogue, including a last strip of fewer than 8 pairs."""
+  rng = np.random.default_rng(f)
+  x, gate, up = _normal(rng, (m, k)), _normal(rng, (k, f)), _normal(rng, (k, f))
+  got = jax.jit(cpu_kernels.small_swiglu_matmul)(x, jnp.stack([gate, up], axis=-1))
+  expected = jax.nn.silu(jnp.dot(x, gate, precision="highest")) * jnp.dot(x, up, precision="highest")
+  assert got.shape == (m, f)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+
+
 def _reference_attention(q, k, v, visible, scale):
   logits = jnp.einsum("bkgd,bskd->bkgs", q, k, precision="highest") * scale
   logits = jnp.where(visible[:, None, None, :], logits, jnp.finfo(jnp.float32).min)

@@ -34,7 +34,7 @@ import jaxlib
 import numpy as np
 
 SOURCE = Path(__file__).with_name("decode_kernels.cc")
-TARGETS = ("HumpbackPackedMatmul", "HumpbackPackWeightStrips", "HumpbackDecodeAttention", "HumpbackGemm",
+TARGETS = ("HumpbackPackedMatmul", "HumpbackPackedSwigluMatmul", "HumpbackPackWeightStrips", "HumpbackDecodeAttention", "HumpbackGemm",
            "HumpbackAttentionForward", "HumpbackAttentionBackward", "HumpbackRmsNormForward",
            "HumpbackRmsNormBackward", "HumpbackArgmax")
 STRIP = 16  # columns per packed strip of a weight (decode_kernels.cc: kStrip)
@@ -126,19 +126,34 @@ def wants_small_matmul(x2d, w) -> bool:
           and w.dtype == jnp.float32 and available())
 
 
-def small_matmul(x_mk, w_kn):
-  """x [m, k] @ w [k, n] -> [m, n] float32 for few rows, through the packed-strip kernel.
+def _packed_strips(w_kn):
+  """w [k, n] packed into 16-column strips [ceil(n / 16), k, 16], zero-padded.
 
-  w is packed into 16-column strips [n / 16, k, 16] (by a kernel: XLA's transpose ran at ~1.6 GB/s)
-  behind an optimization barrier: XLA hoists the barrier (and the packing before it) out of a while
-  loop, so a decode loop packs each weight once, not every step.
+  The packing (a kernel: XLA's transpose ran at ~1.6 GB/s) sits behind an optimization barrier:
+  XLA hoists the barrier (and the packing before it) out of a while loop, so a decode loop packs
+  each weight once, not every step.
   """
   k, n = w_kn.shape
   packed = jax.ShapeDtypeStruct((-(-n // STRIP), k, STRIP), jnp.float32)
-  strips = jax.lax.optimization_barrier(jax.ffi.ffi_call("HumpbackPackWeightStrips", packed)(w_kn))
+  return jax.lax.optimization_barrier(jax.ffi.ffi_call("HumpbackPackWeightStrips", packed)(w_kn))
+
+
+def small_matmul(x_mk, w_kn):
+  """x [m, k] @ w [k, n] -> [m, n] float32 for few rows, through the packed-strip kernel."""
+  n = w_kn.shape[1]
+  strips = _packed_strips(w_kn)
   out = jax.ShapeDtypeStruct((x_mk.shape[0], strips.shape[0] * STRIP), jnp.float32)
   y = jax.ffi.ffi_call("HumpbackPackedMatmul", out)(x_mk, strips)
   return y[:, :n] if n % STRIP else y
+
+
+def small_swiglu_matmul(x_mk, w_kf2):
+  """silu(x @ w[..., 0]) * (x @ w[..., 1]) -> [m, f] float32 for few rows; w [k, f, 2] is the gate
+  and up weights stacked last, so SwiGLU runs in the matmul's epilogue (one kernel, no [m, 2f]
+  product written and read back)."""
+  k, f, _ = w_kf2.shape
+  out = jax.ShapeDtypeStruct((x_mk.shape[0], f), jnp.float32)
+  return jax.ffi.ffi_call("HumpbackPackedSwigluMatmul", out)(x_mk, _packed_strips(w_kf2.reshape(k, 2 * f)))
 
 
 def wants_argmax(x) -> bool:

@@ -64,9 +64,9 @@ inline float HorizontalMax(__m256 v) {
   return *std::max_element(lanes, lanes + 8);
 }
 
-// e^x for x <= 0 (Cephes' polynomial, as in avx_mathfun): inputs below -87.3 give ~0.
-inline __m256 ExpNonPositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
+// e^x (Cephes' polynomial, as in avx_mathfun): inputs below -87.3 give ~0, above 88.4 ~2.4e38.
+inline __m256 Exp(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.3762626647949f));
   __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
@@ -98,6 +98,33 @@ inline void CopyStripRow(const float* src, int64_t cols, float* dst) {
   std::fill(dst + cols, dst + kStrip, 0.f);
 }
 
+// The epilogue of a strip's tile: plain stores of its 16 columns, or, for a strip of interleaved
+// (gate, up) column pairs, silu(gate) * up of its 8 pairs (the first `pairs` of them stored).
+struct StoreColumns {
+  static constexpr int64_t kWidth = kStrip;  // output columns per strip
+  static void Store(__m256 c0, __m256 c1, float* y, int64_t) {
+    _mm256_storeu_ps(y, c0);
+    _mm256_storeu_ps(y + 8, c1);
+  }
+};
+
+struct StoreSwiglu {
+  static constexpr int64_t kWidth = kStrip / 2;
+  // silu(g) * u = g / (1 + e^-g) * u, with the operations (and roundings) of PyTorch's silu and mul.
+  static void Store(__m256 c0, __m256 c1, float* y, int64_t pairs) {
+    const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+    const __m256 gate = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(c0, c1, 0x88), order);
+    const __m256 up = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(c0, c1, 0xDD), order);
+    const __m256 one = _mm256_set1_ps(1.f);
+    const __m256 silu = _mm256_div_ps(gate, _mm256_add_ps(one, Exp(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
+    const __m256 h = _mm256_mul_ps(silu, up);
+    if (pairs == kWidth) return _mm256_storeu_ps(y, h);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, h);
+    std::copy(lanes, lanes + pairs, y);
+  }
+};
+
 // Accumulators are named variables, not an array: GCC spills an array of __m256 to the stack on
 // every iteration (12 stores per 12 FMAs), which halved this loop's speed.
 #define HJ_ROW(r)                                              \
@@ -106,18 +133,16 @@ inline void CopyStripRow(const float* src, int64_t cols, float* dst) {
     a##r##0 = _mm256_fmadd_ps(xr, w0, a##r##0);                \
     a##r##1 = _mm256_fmadd_ps(xr, w1, a##r##1);                \
   }
-#define HJ_STORE(r)                                            \
-  if (R > r) {                                                 \
-    _mm256_storeu_ps(y + r * n, a##r##0);                      \
-    _mm256_storeu_ps(y + r * n + 8, a##r##1);                  \
-  }
+#define HJ_STORE(r) \
+  if (R > r) Out::Store(a##r##0, a##r##1, y + r * ldy, width);
 
 // While its tile computes, each of the `tiles` row tiles of a strip requests its share of the next
 // strip into L2 (`ahead`: its first byte, advanced `stride` bytes per step of k), so that the
 // strip's DRAM traffic is spread over the whole strip's compute rather than burst in the first tile.
-template <int R>
+// Rows of y are `ldy` apart; `width` of the strip's Out::kWidth output columns are stored.
+template <int R, typename Out>
 void StripTile(const float* x, int64_t k, const float* strip, const char* ahead, int64_t stride, float* y,
-               int64_t n) {
+               int64_t ldy, int64_t width) {
   static_assert(R >= 1 && R <= 6, "6 rows x 2 vectors = 12 accumulators of 16 registers");
   __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
   __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
@@ -133,22 +158,23 @@ void StripTile(const float* x, int64_t k, const float* strip, const char* ahead,
 #undef HJ_STORE
 
 // All m rows against one strip, in tiles of at most 6 rows (12 accumulators) of near-equal size.
+template <typename Out>
 void StripAllRows(int64_t m, const float* x, int64_t k, const float* strip, const float* next, float* y,
-                  int64_t n) {
+                  int64_t ldy, int64_t width) {
   const int64_t tiles = (m + 5) / 6;
   const int64_t stride = (64 + tiles - 1) / tiles;  // bytes of `next` per step of k, per tile
   for (int64_t t = 0, r = 0; t < tiles; ++t) {
     const int64_t rows = (m - r + (tiles - t) - 1) / (tiles - t);
     const float* xr = x + r * k;
-    float* yr = y + r * n;
+    float* yr = y + r * ldy;
     const char* ahead = reinterpret_cast<const char*>(next) + t * k * stride;
     switch (rows) {
-      case 6: StripTile<6>(xr, k, strip, ahead, stride, yr, n); break;
-      case 5: StripTile<5>(xr, k, strip, ahead, stride, yr, n); break;
-      case 4: StripTile<4>(xr, k, strip, ahead, stride, yr, n); break;
-      case 3: StripTile<3>(xr, k, strip, ahead, stride, yr, n); break;
-      case 2: StripTile<2>(xr, k, strip, ahead, stride, yr, n); break;
-      default: StripTile<1>(xr, k, strip, ahead, stride, yr, n); break;
+      case 6: StripTile<6, Out>(xr, k, strip, ahead, stride, yr, ldy, width); break;
+      case 5: StripTile<5, Out>(xr, k, strip, ahead, stride, yr, ldy, width); break;
+      case 4: StripTile<4, Out>(xr, k, strip, ahead, stride, yr, ldy, width); break;
+      case 3: StripTile<3, Out>(xr, k, strip, ahead, stride, yr, ldy, width); break;
+      case 2: StripTile<2, Out>(xr, k, strip, ahead, stride, yr, ldy, width); break;
+      default: StripTile<1, Out>(xr, k, strip, ahead, stride, yr, ldy, width); break;
     }
     r += rows;
   }
@@ -177,15 +203,10 @@ ffi::Error PackWeightStrips(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::
   return ffi::Error::Success();
 }
 
-ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wp,
-                        ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = wp.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || wd[2] != kStrip || yd.size() != 2 ||
-      yd[0] != xd[0] || yd[1] != wd[0] * kStrip)
-    return ffi::Error::InvalidArgument("packed_matmul: expected x [m, k], wp [n / 16, k, 16], y [m, n]");
-  const int64_t m = xd[0], k = xd[1], strips = wd[0], n = strips * kStrip;
-  const float *xp = x.typed_data(), *wpp = wp.typed_data();
-  float* yp = y->typed_data();
+// y [m, cols] from x [m, k] @ wp, each strip's output through Out (cols: the valid output columns).
+template <typename Out>
+void StripMatmul(ffi::ThreadPool& pool, int64_t m, int64_t k, int64_t strips, const float* xp, const float* wpp,
+                 float* yp, int64_t cols) {
   // ~8 strips per task, in a number of near-equal tasks that the threads divide evenly (36 strips
   // in chunks of 8 left one thread 20 strips and the other 16).
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
@@ -194,9 +215,34 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     const int64_t end = (c + 1) * strips / chunks;
     for (int64_t s = c * strips / chunks; s < end; ++s) {
       const float* strip = wpp + s * k * kStrip;
-      StripAllRows(m, xp, k, strip, s + 1 < end ? strip + k * kStrip : strip, yp + s * kStrip, n);
+      const int64_t width = std::min(Out::kWidth, cols - s * Out::kWidth);
+      StripAllRows<Out>(m, xp, k, strip, s + 1 < end ? strip + k * kStrip : strip, yp + s * Out::kWidth, cols,
+                        width);
     }
   });
+}
+
+ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wp,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = wp.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || wd[2] != kStrip || yd.size() != 2 ||
+      yd[0] != xd[0] || yd[1] != wd[0] * kStrip)
+    return ffi::Error::InvalidArgument("packed_matmul: expected x [m, k], wp [n / 16, k, 16], y [m, n]");
+  StripMatmul<StoreColumns>(pool, xd[0], xd[1], wd[0], x.typed_data(), wp.typed_data(), y->typed_data(), yd[1]);
+  return ffi::Error::Success();
+}
+
+// h [m, f] = silu(x @ gate) * (x @ up), from wp packing w [k, 2f] whose columns interleave gate and
+// up (column 2j is gate's j, 2j + 1 up's j): SwiGLU in the matmul's epilogue, so the decode step
+// writes and reads back no [m, 2f] product and runs no separate activation pass.
+ffi::Error PackedSwigluMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wp,
+                              ffi::ResultBuffer<ffi::F32> h) {
+  auto xd = x.dimensions(), wd = wp.dimensions(), hd = h->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || wd[2] != kStrip || hd.size() != 2 ||
+      hd[0] != xd[0] || (2 * hd[1] + kStrip - 1) / kStrip != wd[0])
+    return ffi::Error::InvalidArgument(
+        "packed_swiglu_matmul: expected x [m, k], wp [ceil(2f / 16), k, 16], h [m, f]");
+  StripMatmul<StoreSwiglu>(pool, xd[0], xd[1], wd[0], x.typed_data(), wp.typed_data(), h->typed_data(), hd[1]);
   return ffi::Error::Success();
 }
 
@@ -489,7 +535,7 @@ void BlockSoftmax(float* p, int64_t ld, const bool* mask, const AttentionShape& 
     int64_t j = 0;
     for (; j + 8 <= keys; j += 8) {
       const __m256 x = _mm256_fmsub_ps(_mm256_loadu_ps(row + j), vscale, vmx);
-      const __m256 e = _mm256_and_ps(ExpNonPositive(_mm256_min_ps(x, _mm256_setzero_ps())), VisibleLanes(vis + j));
+      const __m256 e = _mm256_and_ps(Exp(_mm256_min_ps(x, _mm256_setzero_ps())), VisibleLanes(vis + j));
       _mm256_storeu_ps(row + j, e);
       vsum = _mm256_add_ps(vsum, e);
     }
@@ -681,7 +727,7 @@ void SoftmaxInPlace(float* p, int64_t n) {
   __m256 vsum = _mm256_setzero_ps();
   int64_t t = 0;
   for (; t + 8 <= n; t += 8) {
-    __m256 e = ExpNonPositive(_mm256_sub_ps(_mm256_loadu_ps(p + t), vmx));
+    __m256 e = Exp(_mm256_sub_ps(_mm256_loadu_ps(p + t), vmx));
     _mm256_storeu_ps(p + t, e);
     vsum = _mm256_add_ps(vsum, e);
   }
@@ -780,6 +826,13 @@ ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuff
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackPackedMatmul, PackedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackPackedSwigluMatmul, PackedSwigluMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -175,9 +175,14 @@ class MLP(nnx.Module):
   def __call__(self, x, constrain=_noconstraint):
     # Gate and up as one GEMM over [dim, mlp, 2] (each device keeps its own mlp columns): one larger
     # matmul, and in the backward one dx GEMM and one dW GEMM instead of two of each.
-    gate, up = _split_pair(dense(x, jnp.stack([self.gate[...], self.up[...]], axis=-1)))
-    h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    return dense(h, self.down[...])
+    gate_up = jnp.stack([self.gate[...], self.up[...]], axis=-1).astype(x.dtype)
+    x2d = x.reshape(-1, x.shape[-1])
+    if cpu_kernels.wants_small_matmul(x2d, gate_up):  # decoding on CPU: SwiGLU in the matmul's epilogue
+      h = cpu_kernels.small_swiglu_matmul(x2d, gate_up).reshape(*x.shape[:-1], -1)
+    else:
+      gate, up = _split_pair(dense(x, gate_up))
+      h = jax.nn.silu(gate) * up
+    return dense(constrain(h, ("batch", "length", "mlp")), self.down[...])
 
 
 @jax.custom_vjp
