@@ -110,7 +110,7 @@ struct StoreColumns {
 
 struct StoreSwiglu {
   static constexpr int64_t kWidth = kStrip / 2;
-  // silu(g) * u = g / (1 + e^-g) * u, with the operations (and roundings) of PyTorch's silu and mul.
+  // silu(g) * u = g / (1 + e^-g) * u: the formula of PyTorch's CPU silu, then the product.
   static void Store(__m256 c0, __m256 c1, float* y, int64_t pairs) {
     const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
     const __m256 gate = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(c0, c1, 0x88), order);
