@@ -34,9 +34,9 @@ import jaxlib
 import numpy as np
 
 SOURCE = Path(__file__).with_name("decode_kernels.cc")
-TARGETS = ("HumpbackPackedMatmul", "HumpbackPackedSwigluMatmul", "HumpbackPackWeightStrips", "HumpbackDecodeAttention", "HumpbackGemm",
-           "HumpbackAttentionForward", "HumpbackAttentionBackward", "HumpbackRmsNormForward",
-           "HumpbackRmsNormBackward", "HumpbackArgmax")
+TARGETS = ("HumpbackPackedMatmul", "HumpbackPackedSwigluMatmul", "HumpbackPackWeightStrips",
+           "HumpbackDecodeAttention", "HumpbackGemm", "HumpbackAttentionForward", "HumpbackAttentionBackward",
+           "HumpbackRmsNormForward", "HumpbackRmsNormBackward", "HumpbackArgmax")
 STRIP = 16  # columns per packed strip of a weight (decode_kernels.cc: kStrip)
 MAX_ROWS = 64  # larger decode batches keep XLA's GEMM
 _SMALL_MATMULS = contextvars.ContextVar("humpback_small_matmuls", default=False)

@@ -102,7 +102,7 @@ inline void CopyStripRow(const float* src, int64_t cols, float* dst) {
 // (gate, up) column pairs, silu(gate) * up of its 8 pairs (the first `pairs` of them stored).
 struct StoreColumns {
   static constexpr int64_t kWidth = kStrip;  // output columns per strip
-  static void Store(__m256 c0, __m256 c1, float* y, int64_t) {
+  static void Store(__m256 c0, __m256 c1, float* y, int64_t) {  // y has all 16 columns of every strip
     _mm256_storeu_ps(y, c0);
     _mm256_storeu_ps(y + 8, c1);
   }
