@@ -45,7 +45,7 @@ def _reference_attention(q, k, v, visible, scale):
   return jnp.einsum("bkgs,bskd->bkgd", jax.nn.softmax(logits, axis=-1), v, precision="highest")
 
 
-@pytest.mark.parametrize("kv,group,d", [(4, 2, 64), (3, 3, 64), (1, 1, 8)])
+@pytest.mark.parametrize("kv,group,d", [(4, 2, 64), (3, 3, 64), (1, 1, 8), (2, 5, 16), (1, 8, 32)])
 def test_decode_attention_equals_masked_softmax(kv, group, d):
   b, s = 4, 37
   rng = np.random.default_rng(d)
