@@ -58,6 +58,36 @@ def test_decode_attention_equals_masked_softmax(kv, group, d):
   np.testing.assert_allclose(got, _reference_attention(q, k, v, visible, d ** -0.5), rtol=1e-5, atol=1e-5)
 
 
+def _rotate_half_like_transformers(x, cos, sin):
+  half = x.shape[-1] // 2
+  return x * cos + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+
+
+@pytest.mark.parametrize("kv,group,d", [(3, 3, 64), (1, 5, 16)])
+def test_decode_attention_step_rotates_writes_the_cache_then_attends(kv, group, d):
+  b, s, index = 3, 21, 13
+  rng = np.random.default_rng(d)
+  qkv = rng.standard_normal((b, kv, group + 2, d)).astype(np.float32)
+  k_cache, v_cache = _normal(rng, (b, s, kv, d)), _normal(rng, (b, s, kv, d))
+  angles = rng.uniform(-20, 20, (b, 1, 1, d)).astype(np.float32)
+  cos, sin = np.cos(angles), np.sin(angles)
+  visible = np.arange(s)[None, :] <= np.array([[index], [index], [4]])
+  visible[2, :2] = False  # left padding
+
+  q = _rotate_half_like_transformers(qkv[:, :, :group], cos, sin)  # bit for bit as transformers
+  k_expected = np.asarray(k_cache).copy()
+  k_expected[:, index] = _rotate_half_like_transformers(qkv[:, :, group], cos[:, 0], sin[:, 0])
+  v_expected = np.asarray(v_cache).copy()
+  v_expected[:, index] = qkv[:, :, group + 1]
+  out_expected = cpu_kernels.decode_attention(q, k_expected, v_expected, jnp.asarray(visible), d ** -0.5)
+
+  step = jax.jit(cpu_kernels.decode_attention_step, static_argnums=7, donate_argnums=(3, 4))
+  out, k_new, v_new = step(qkv, cos[:, 0, 0], sin[:, 0, 0], k_cache, v_cache, index, jnp.asarray(visible), d ** -0.5)
+  np.testing.assert_array_equal(k_new, k_expected)
+  np.testing.assert_array_equal(v_new, v_expected)
+  np.testing.assert_array_equal(out, out_expected)
+
+
 def _toy_engine(batch_size=2):
   cfg = model_preset("toy")
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(axes=("data", "fsdp", "tensor"), shape=(1, 1, 1))),

@@ -35,13 +35,13 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("decode_kernels.cc")
 TARGETS = ("HumpbackPackedMatmul", "HumpbackPackedSwigluMatmul", "HumpbackPackWeightStrips",
-           "HumpbackDecodeAttention", "HumpbackGemm", "HumpbackAttentionForward", "HumpbackAttentionBackward",
+           "HumpbackDecodeAttention", "HumpbackDecodeAttentionStep", "HumpbackGemm", "HumpbackAttentionForward", "HumpbackAttentionBackward",
            "HumpbackRmsNormForward", "HumpbackRmsNormBackward", "HumpbackArgmax")
 STRIP = 16  # columns per packed strip of a weight (decode_kernels.cc: kStrip)
 MAX_ROWS = 64  # larger decode batches keep XLA's GEMM
 _SMALL_MATMULS = contextvars.ContextVar("humpback_small_matmuls", default=False)
 _SEQUENCE_KERNELS = contextvars.ContextVar("humpback_sequence_kernels", default=False)
-COMPILE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")  # no implicit FMAs
 
 
 def _cache_dir() -> Path:
@@ -176,6 +176,26 @@ def decode_attention(q_bkgd, k_bskd, v_bskd, visible_bs, scale: float):
   out = jax.ShapeDtypeStruct(q_bkgd.shape, jnp.float32)
   return jax.ffi.ffi_call("HumpbackDecodeAttention", out)(
       q_bkgd, k_bskd, v_bskd, visible_bs.astype(jnp.int32), scale=np.float32(scale))
+
+
+def wants_decode_attention_step(qkv, cache_k, cache_v) -> bool:
+  """Whether a decode loop's layer should rotate, write its cache and attend in one kernel call:
+  inside `small_matmuls()`, one new token per row, float32, head_dim a multiple of 16."""
+  return (_SMALL_MATMULS.get() and qkv.ndim == 5 and qkv.shape[1] == 1 and qkv.shape[-1] % 16 == 0
+          and qkv.dtype == cache_k.dtype == cache_v.dtype == jnp.float32 and available())
+
+
+def decode_attention_step(qkv_bkxd, cos_bd, sin_bd, k_bskd, v_bskd, index, visible_bs, scale: float):
+  """One decode step's attention from the fused projection qkv [b, kv, g + 2, d] (g query heads, then
+  k, then v, per KV head; before rotary) with cos/sin [b, d] at the new position: rotates q and k,
+  writes k and v at slot `index` of the [b, s, kv, d] caches (in place) and attends over the visible
+  slots [b, s]. Returns (out [b, kv, g, d], cache k, cache v)."""
+  b, kv, x, d = qkv_bkxd.shape
+  outs = (jax.ShapeDtypeStruct((b, kv, x - 2, d), jnp.float32), jax.ShapeDtypeStruct(k_bskd.shape, jnp.float32),
+          jax.ShapeDtypeStruct(v_bskd.shape, jnp.float32))
+  call = jax.ffi.ffi_call("HumpbackDecodeAttentionStep", outs, input_output_aliases={3: 1, 4: 2})
+  return call(qkv_bkxd, cos_bd, sin_bd, k_bskd, v_bskd, jnp.asarray(index, jnp.int32),
+              visible_bs.astype(jnp.int32), scale=np.float32(scale))
 
 
 def sequence_kernels(mesh):

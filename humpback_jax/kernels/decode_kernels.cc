@@ -817,6 +817,26 @@ void SumValues(const float* vr, const int64_t* slots, int64_t n, int64_t kv, int
   }
 }
 
+// One row's attention: q [kv, g, d] over its cache rows k/v [s, kv, d], visible [s] -> out [kv, g, d].
+void AttendRow(const float* qr, const float* kr, const float* vr, const int32_t* vis, int64_t s, int64_t kv,
+               int64_t g, int64_t d, float scale, float* out) {
+  thread_local std::vector<int64_t> slots;
+  thread_local std::vector<float> probs, partial;
+  slots.clear();
+  for (int64_t t = 0; t < s; ++t)
+    if (vis[t]) slots.push_back(t);
+  const bool none_visible = slots.empty();
+  if (none_visible)
+    for (int64_t t = 0; t < s; ++t) slots.push_back(t);
+  const int64_t heads = kv * g, n = slots.size(), ld = RoundUp(n, 8);
+  probs.resize(heads * ld);
+  partial.resize(heads * 8 * 8);
+  if (none_visible) std::fill(probs.begin(), probs.end(), 0.f);  // equal logits: a plain average
+  else ScoreKeys(qr, kr, vr, slots.data(), n, kv, g, d, scale, partial.data(), probs.data(), ld);
+  for (int64_t h = 0; h < heads; ++h) SoftmaxInPlace(probs.data() + h * ld, n);
+  SumValues(vr, slots.data(), n, kv, g, d, probs.data(), ld, out);
+}
+
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kc,
                            ffi::Buffer<ffi::F32> vc, ffi::Buffer<ffi::S32> visible,
                            ffi::ResultBuffer<ffi::F32> out, float scale) {
@@ -828,27 +848,65 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const float *qp = q.typed_data(), *kp = kc.typed_data(), *vp = vc.typed_data();
   const int32_t* vis = visible.typed_data();
   float* op = out->typed_data();
-  const int64_t heads = kv * g, slot_floats = kv * d;
   // One row per chunk: its cache slots [kv, d] are contiguous, so K and V stream front to back.
   ParallelFor(pool, b, [=](int64_t row) {
-    thread_local std::vector<int64_t> slots;
-    thread_local std::vector<float> probs, partial;
-    slots.clear();
-    for (int64_t t = 0; t < s; ++t)
-      if (vis[row * s + t]) slots.push_back(t);
-    const bool none_visible = slots.empty();
-    if (none_visible)
-      for (int64_t t = 0; t < s; ++t) slots.push_back(t);
-    const int64_t n = slots.size(), ld = RoundUp(n, 8);
-    probs.resize(heads * ld);
-    partial.resize(heads * 8 * 8);
-    const float* qr = qp + row * heads * d;  // [kv, g, d]: query head h = kv_head * g + j
-    const float* kr = kp + row * s * slot_floats;
-    const float* vr = vp + row * s * slot_floats;
-    if (none_visible) std::fill(probs.begin(), probs.end(), 0.f);  // equal logits: a plain average
-    else ScoreKeys(qr, kr, vr, slots.data(), n, kv, g, d, scale, partial.data(), probs.data(), ld);
-    for (int64_t h = 0; h < heads; ++h) SoftmaxInPlace(probs.data() + h * ld, n);
-    SumValues(vr, slots.data(), n, kv, g, d, probs.data(), ld, op + row * heads * d);
+    const int64_t rows = s * kv * d;
+    AttendRow(qp + row * kv * g * d, kp + row * rows, vp + row * rows, vis + row * s, s, kv, g, d, scale,
+              op + row * kv * g * d);
+  });
+  return ffi::Error::Success();
+}
+
+// x [d] rotated in Hugging Face's rotate-half layout, as transformers computes it (two products, then
+// their sum; no fused multiply-add): out = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x[d/2:], x[:d/2]].
+inline void RotateHalf(const float* x, const float* cos, const float* sin, int64_t d, float* out) {
+  const int64_t half = d / 2;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t e = 0; e < half; e += 8) {
+    const __m256 x1 = _mm256_loadu_ps(x + e), x2 = _mm256_loadu_ps(x + half + e);
+    _mm256_storeu_ps(out + e, _mm256_add_ps(_mm256_mul_ps(x1, _mm256_loadu_ps(cos + e)),
+                                            _mm256_mul_ps(_mm256_xor_ps(x2, sign), _mm256_loadu_ps(sin + e))));
+    _mm256_storeu_ps(out + half + e, _mm256_add_ps(_mm256_mul_ps(x2, _mm256_loadu_ps(cos + half + e)),
+                                                   _mm256_mul_ps(x1, _mm256_loadu_ps(sin + half + e))));
+  }
+}
+
+// A decode step's attention from the fused q/k/v projection: qkv [b, kv, g + 2, d] (per KV head: its
+// g query heads, then k, then v, before rotary), cos/sin [b, d] at each row's new position, caches
+// k/v [b, s, kv, d] updated in place (aliased to the outputs), slot `index` [] for the new k/v,
+// visible [b, s] -> out [b, kv, g, d]. Rotating q and k, writing the cache and attending happen in
+// one call per layer, where XLA ran three small fusions; d a multiple of 16.
+ffi::Error DecodeAttentionStep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos,
+                               ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> kc, ffi::Buffer<ffi::F32> vc,
+                               ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::S32> visible,
+                               ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> kc_out,
+                               ffi::ResultBuffer<ffi::F32> vc_out, float scale) {
+  auto xd = qkv.dimensions(), kd = kc.dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || kd[0] != xd[0] || kd[2] != xd[1] || kd[3] != xd[3] || xd[2] < 3 ||
+      xd[3] % 16)
+    return ffi::Error::InvalidArgument(
+        "decode_attention_step: expected qkv [b, kv, g + 2, d], k/v [b, s, kv, d] with d a multiple of 16");
+  const int64_t b = xd[0], kv = xd[1], g = xd[2] - 2, d = xd[3], s = kd[1];
+  const int64_t slot = index.typed_data()[0];
+  if (slot < 0 || slot >= s) return ffi::Error::InvalidArgument("decode_attention_step: index outside the cache");
+  float *kp = kc_out->typed_data(), *vp = vc_out->typed_data();
+  if (kp != kc.typed_data()) std::copy_n(kc.typed_data(), kc.element_count(), kp);  // if XLA did not alias
+  if (vp != vc.typed_data()) std::copy_n(vc.typed_data(), vc.element_count(), vp);
+  const float *xp = qkv.typed_data(), *cp = cos.typed_data(), *sp = sin.typed_data();
+  const int32_t* vis = visible.typed_data();
+  float* op = out->typed_data();
+  ParallelFor(pool, b, [=](int64_t row) {
+    thread_local std::vector<float> q;
+    q.resize(kv * g * d);
+    const int64_t rows = s * kv * d;
+    float *kr = kp + row * rows, *vr = vp + row * rows;
+    for (int64_t j = 0; j < kv; ++j) {
+      const float* x = xp + (row * kv + j) * (g + 2) * d;
+      for (int64_t h = 0; h < g; ++h) RotateHalf(x + h * d, cp + row * d, sp + row * d, d, q.data() + (j * g + h) * d);
+      RotateHalf(x + g * d, cp + row * d, sp + row * d, d, kr + (slot * kv + j) * d);
+      std::copy_n(x + (g + 1) * d, d, vr + (slot * kv + j) * d);
+    }
+    AttendRow(q.data(), kr, vr, vis + row * s, s, kv, g, d, scale, op + row * kv * g * d);
   });
   return ffi::Error::Success();
 }
@@ -968,6 +1026,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackDecodeAttentionStep, DecodeAttentionStep,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
 

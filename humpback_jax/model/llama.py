@@ -122,8 +122,11 @@ class Attention(nnx.Module):
 
   def __call__(self, x, cos, sin, mask, kv=None, index=None, constrain=_noconstraint):
     dt = x.dtype
-    q, k, v = self._fused_qkv(x)
-    q = constrain(rotary(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+    qkv = dense(x, self._qkv_weight())  # one GEMM: [b, t, kv_heads, group + 2, head_dim]
+    if kv is not None and cpu_kernels.wants_decode_attention_step(qkv, *kv):
+      return self._decode_step_on_cpu(qkv, cos, sin, mask, kv, index)
+    q, k, v = _split_qkv(qkv)
+    q = constrain(rotary(q.reshape(*x.shape[:-1], -1, q.shape[-1]), cos, sin), ("batch", "length", "heads", "head_dim"))
     k = constrain(rotary(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
     if kv is not None:  # decoding: append to the cache, attend over all of it
       kv = kv_cache.write(kv[0], kv[1], k, v, index)
@@ -131,14 +134,20 @@ class Attention(nnx.Module):
     out = attention.dot_product_attention(q, k, v, mask, self.impl, index_causal=kv is None)
     return dense(out, self.o[...], in_dims=2), kv
 
-  def _fused_qkv(self, x):
-    """q, k, v from one GEMM over weights grouped per KV head, [dim, kv_heads, group + 2, head_dim]."""
+  def _qkv_weight(self):
+    """q, k and v weights grouped per KV head, [dim, kv_heads, group + 2, head_dim]."""
     d, n, h = self.q.shape
     kv = self.k.shape[1]
-    g = n // kv
-    w = jnp.concatenate([self.q[...].reshape(d, kv, g, h), self.k[...][:, :, None], self.v[...][:, :, None]], axis=2)
-    q, k, v = _split_qkv(dense(x, w))  # [..., kv, g + 2, h]
-    return q.reshape(*x.shape[:-1], n, h), k, v
+    return jnp.concatenate([self.q[...].reshape(d, kv, n // kv, h), self.k[...][:, :, None], self.v[...][:, :, None]],
+                           axis=2)
+
+  def _decode_step_on_cpu(self, qkv, cos, sin, mask, kv, index):
+    """A decode loop's step in one kernel call: rotary, the cache write and attention (what XLA ran as
+    three small fusions around the attention kernel)."""
+    b, _, _, _, h = qkv.shape
+    out, cache_k, cache_v = cpu_kernels.decode_attention_step(qkv[:, 0], cos[:, 0], sin[:, 0], *kv, index,
+                                                              mask[:, 0, 0], 1.0 / h ** 0.5)
+    return dense(out.reshape(b, 1, -1, h), self.o[...], in_dims=2), (cache_k, cache_v)
 
 
 @jax.custom_vjp
