@@ -71,12 +71,14 @@ class EngineStats:
 # --------------------------------------------------------------------------- pure functions
 
 
-def sample_next(logits, key, temperature, top_p, top_k):
+def sample_next(logits, key, temperature, top_p, top_k, step=None):
   """Next tokens [b] from float32 logits [b, vocab]; greedy when temperature == 0.
 
   Otherwise temperature, then top-k (0 = off), then top-p (the smallest set of most likely tokens
   whose mass reaches top_p; the top token always stays), then a categorical draw. `key` is one
-  typed key or one per row [b]. The knobs may be traced scalars: changing them never recompiles.
+  typed key or one per row [b]; a `step`, when given, is folded into each row's key first, on the
+  sampling branch only (greedy decoding never pays for the hashing). The knobs may be traced
+  scalars: changing them never recompiles.
   """
   def greedy():
     if cpu_kernels.wants_argmax(logits):  # CPU decode loop: one vectorised pass, not a variadic reduce
@@ -86,6 +88,8 @@ def sample_next(logits, key, temperature, top_p, top_k):
   def sample():
     b, vocab = logits.shape
     keys = key if jnp.ndim(key) else jax.random.split(key, b)
+    if step is not None:
+      keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
     order = jnp.argsort(-logits, axis=-1)  # stable: ties keep the lower id first, as argmax does
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1) / temperature
     rank = jnp.arange(vocab)
@@ -120,8 +124,7 @@ def decode(cfg, layout, params, cache, token_b, position_b, row_ids_b, max_new_b
   def body(carry):
     step, token, position, cache, out, counts, done = carry
     logits, cache = build.forward(cfg, params, token[:, None], position[:, None], cache=cache, layout=layout)
-    keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-    new = sample_next(logits[:, 0], keys, temperature, top_p, top_k)
+    new = sample_next(logits[:, 0], row_keys, temperature, top_p, top_k, step=step)
     is_eos = jnp.isin(new, eos_ids)
     out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
     counts += (~done & ~is_eos).astype(jnp.int32)
