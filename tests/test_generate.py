@@ -15,7 +15,7 @@ import torch
 from hf_reference import hf_logits, make_hf_model, save_hf_model
 from humpback_jax import sharding
 from humpback_jax.checkpoints import hf
-from humpback_jax.generate import GREEDY, Engine, SamplingParams, sample_next, truncate_at_stop
+from humpback_jax.generate import SAMPLING_CANDIDATES, GREEDY, Engine, SamplingParams, sample_next, truncate_at_stop
 from humpback_jax.model import build
 
 NEW = 32
@@ -137,6 +137,24 @@ def test_top_k_never_samples_outside_the_k_most_likely():
   logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
   drawn = set(np.asarray(_draws(logits, jax.random.key(0), 1.0, 2)).tolist())
   assert drawn == {0, 1}
+
+
+def test_top_p_samples_a_nucleus_wider_than_the_ranked_candidates():
+  logits = jnp.linspace(0.0, -1.0, 300)  # nearly flat: the 0.9 nucleus holds ~260 tokens, past the 64 candidates
+  probs = np.asarray(jax.nn.softmax(logits))
+  nucleus = int(np.searchsorted(np.cumsum(probs), 0.9)) + 1
+  drawn = set(np.asarray(_draws(logits, jax.random.key(0), 0.9, 0)).tolist())
+  assert max(drawn) < nucleus and len(drawn) > SAMPLING_CANDIDATES
+
+
+def test_a_rows_sample_does_not_depend_on_the_rows_beside_it():
+  peaked = jnp.zeros(300).at[7].set(10.0).at[11].set(9.5)  # nucleus of two tokens: within the candidates
+  flat = jnp.linspace(0.0, -1.0, 300)                    # needs the whole vocabulary sorted
+  keys = jax.random.split(jax.random.key(3), 64)
+  alone = jax.jit(lambda k: sample_next(jnp.broadcast_to(peaked, (64, 300)), k, 1.0, 0.9, 0))(keys)
+  mixed = jax.jit(lambda k: sample_next(jnp.stack([peaked] * 63 + [flat]), k, 1.0, 0.9, 0))(keys)
+  np.testing.assert_array_equal(alone[:63], mixed[:63])
+  assert len(set(np.asarray(alone).tolist())) > 1  # the draws do vary with the key
 
 
 def test_each_row_stops_at_its_first_eos(engine, prompts, greedy):
