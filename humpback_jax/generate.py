@@ -117,7 +117,13 @@ def sample_next(logits, key, temperature, top_p, top_k, step=None):
       tail_noise = jax.vmap(lambda k: jax.random.gumbel(jax.random.fold_in(k, 1), (vocab - n,)))(keys)
       return _pick(ids, ranked, keep, jnp.concatenate([head_noise, tail_noise], axis=-1))
 
-    return jax.lax.cond(jnp.all(fits), from_head, from_vocab)
+    def unfiltered():  # temperature alone: a draw over the whole vocabulary needs no ranking
+      return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+    def filtered():
+      return jax.lax.cond(jnp.all(fits), from_head, from_vocab)
+
+    return jax.lax.cond((top_k <= 0) & (top_p >= 1.0), unfiltered, filtered)
 
   return jax.lax.cond(temperature > 0, sample, greedy)
 

@@ -139,6 +139,12 @@ def test_top_k_never_samples_outside_the_k_most_likely():
   assert drawn == {0, 1}
 
 
+def test_temperature_alone_samples_the_whole_distribution():
+  probs = np.array([0.5, 0.3, 0.15, 0.05])
+  drawn = np.asarray(_draws(jnp.log(jnp.asarray(probs)), jax.random.key(0), 1.0, 0))
+  np.testing.assert_allclose(np.bincount(drawn, minlength=4) / drawn.size, probs, atol=0.03)
+
+
 def test_top_p_samples_a_nucleus_wider_than_the_ranked_candidates():
   logits = jnp.linspace(0.0, -1.0, 300)  # nearly flat: the 0.9 nucleus holds ~260 tokens, past the 64 candidates
   probs = np.asarray(jax.nn.softmax(logits))

@@ -35,13 +35,15 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("decode_kernels.cc")
 TARGETS = ("HumpbackPackedMatmul", "HumpbackPackedSwigluMatmul", "HumpbackPackWeightStrips",
-           "HumpbackDecodeAttention", "HumpbackDecodeAttentionStep", "HumpbackGemm", "HumpbackAttentionForward", "HumpbackAttentionBackward",
+           "HumpbackDecodeAttention", "HumpbackDecodeAttentionStep", "HumpbackGemm",
+           "HumpbackAttentionForward", "HumpbackAttentionBackward",
            "HumpbackRmsNormForward", "HumpbackRmsNormBackward", "HumpbackArgmax")
 STRIP = 16  # columns per packed strip of a weight (decode_kernels.cc: kStrip)
 MAX_ROWS = 64  # larger decode batches keep XLA's GEMM
 _SMALL_MATMULS = contextvars.ContextVar("humpback_small_matmuls", default=False)
 _SEQUENCE_KERNELS = contextvars.ContextVar("humpback_sequence_kernels", default=False)
-COMPILE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")  # no implicit FMAs
+# -ffp-contract=off: no implicit FMAs (the kernels write theirs; rotary must round as transformers does)
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
 def _cache_dir() -> Path:
