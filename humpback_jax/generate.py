@@ -154,19 +154,28 @@ def prefill(cfg, layout, params, tokens_bt, positions_bt, *, cache_len: int):
 
 
 def decode(cfg, layout, params, cache, token_b, position_b, row_ids_b, max_new_b, eos_ids, seed,
-           temperature, top_p, top_k, *, max_new: int):
+           temperature, top_p, top_k, *, max_new: int, greedy: bool = False):
   """Feeds `token_b` at `position_b`, then samples up to `max_new` tokens per row in a while_loop.
 
+  `greedy` (static) promises temperature 0: on CPU the loop then picks each token with
+  `cpu_kernels.greedy_head`, which computes only the logits that could be the largest.
   Returns (tokens [b, max_new], counts [b] of new tokens before EOS or the row's limit, cache).
   """
   b = token_b.shape[0]
   base = jax.random.key(seed)
   row_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(row_ids_b)
 
+  def next_tokens(token, position, cache, step):
+    if head_tables is None:
+      logits, cache = build.forward(cfg, params, token[:, None], position[:, None], cache=cache, layout=layout)
+      return sample_next(logits[:, 0], row_keys, temperature, top_p, top_k, step=step), cache
+    hidden, cache = build.forward(cfg, params, token[:, None], position[:, None], cache=cache, layout=layout,
+                                  hidden_only=True)
+    return cpu_kernels.greedy_head(hidden[:, 0], head_tables, head_nk), cache
+
   def body(carry):
     step, token, position, cache, out, counts, done = carry
-    logits, cache = build.forward(cfg, params, token[:, None], position[:, None], cache=cache, layout=layout)
-    new = sample_next(logits[:, 0], row_keys, temperature, top_p, top_k, step=step)
+    new, cache = next_tokens(token, position, cache, step)
     is_eos = jnp.isin(new, eos_ids)
     out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
     counts += (~done & ~is_eos).astype(jnp.int32)
@@ -180,6 +189,8 @@ def decode(cfg, layout, params, cache, token_b, position_b, row_ids_b, max_new_b
   carry = (jnp.zeros((), jnp.int32), token_b, position_b, cache, jnp.full((b, max_new), -1, jnp.int32),
            jnp.zeros((b,), jnp.int32), max_new_b <= 0)
   with cpu_kernels.small_matmuls():  # CPU: few-row matmuls take our kernel, weights packed once
+    head_nk = build.head_weight(cfg, params).T  # [vocab, dim]: the tied embedding itself, no copy
+    head_tables = cpu_kernels.greedy_head_tables(head_nk) if greedy and cpu_kernels.wants_greedy_head(head_nk) else None
     _, _, _, cache, out, counts, _ = jax.lax.while_loop(cond, body, carry)
   return out, counts, cache
 
@@ -286,7 +297,7 @@ class Engine:
     for group in _batches([len(rows[i]) for i in live], self.batch_size):
       idx = [live[g] for g in group]
       pending.append((idx, self._generate_batch([rows[i] for i in idx], [limits[i] for i in idx],
-                                                [index_offset + i for i in idx], max_new, eos, knobs)))
+                                                [index_offset + i for i in idx], max_new, eos, knobs, sampling)))
     results: list[list[int] | None] = [None] * len(prompts)
     for idx, arrays in pending:  # fetched only now, so host work overlaps the device's
       out, counts = jax.device_get(arrays)
@@ -348,7 +359,7 @@ class Engine:
 
   # ----------------------------------------------------------------- internals
 
-  def _generate_batch(self, rows, limits, row_ids, max_new, eos, knobs):
+  def _generate_batch(self, rows, limits, row_ids, max_new, eos, knobs, sampling):
     """Dispatches prefill + decode for one batch; returns device arrays (tokens, counts)."""
     dummies = self.batch_size - len(rows)  # dummy rows: one token, nothing to generate
     rows, limits, row_ids = rows + [[0]] * dummies, limits + [0] * dummies, row_ids + [0] * dummies
@@ -356,14 +367,15 @@ class Engine:
     tokens, positions = _left_pad(rows, width)
     self._count_padding(positions >= 0)
     head = (self.params, *self._put((tokens[:, :-1], positions[:, :-1]), ("batch", "length")))
-    shape = ("generate", self.batch_size, width, max_new)
+    greedy = bool(sampling.temperature <= 0)  # its own program: on CPU, no logits but the argmax's
+    shape = ("generate", self.batch_size, width, max_new, greedy)
     run_prefill = self._program(shape, "prefill", functools.partial(
         prefill, self.cfg, self.layout, cache_len=width - 1 + max_new), head)
     last = self._put((tokens[:, -1], positions[:, -1], np.asarray(row_ids, np.int32),
                       np.asarray(limits, np.int32)), ("batch",))
     args = (self.params, run_prefill(*head), *last, eos, *knobs)
     run_decode = self._program(shape, "decode", functools.partial(
-        decode, self.cfg, self.layout, max_new=max_new), args, donate=(1,))
+        decode, self.cfg, self.layout, max_new=max_new, greedy=greedy), args, donate=(1,))
     out, counts, _ = run_decode(*args)
     self.stats.batches += 1
     return out, counts

@@ -1,4 +1,5 @@
 """Our XLA:CPU decode kernels equal the plain-XLA computations they replace."""
+import dataclasses
 import re
 
 import jax
@@ -141,9 +142,11 @@ def test_scores_are_the_same_with_and_without_the_kernels(monkeypatch):
   np.testing.assert_allclose(probs, plain_probs, rtol=1e-5)
 
 
-def test_decode_loop_packs_each_weight_once_outside_the_loop():
-  """The packed weights [n / 16, k, 16] are loop state of the decode while loop, not rebuilt per step."""
-  engine = _toy_engine()
+@pytest.mark.parametrize("vocab", [2048, cpu_kernels.GREEDY_HEAD_MIN_VOCAB])
+def test_decode_loop_packs_each_weight_once_outside_the_loop(vocab):
+  """The packed weights [n / 16, k, 16] (and the greedy head's tables, for a large vocabulary) are loop
+  state of the decode while loop, not rebuilt per step."""
+  engine = _engine_with_vocab(vocab, batch_size=2)
   engine.generate_ids([[5, 6, 7], [8, 9]], GREEDY, max_new_tokens=3)
   (decode,) = [p for (_, part), p in engine._programs.items() if part == "decode"]
   hlo = decode.as_text()
@@ -151,10 +154,11 @@ def test_decode_loop_packs_each_weight_once_outside_the_loop():
   assert body_names
   for name in body_names:
     body = re.search(rf"^%{re.escape(name)} .*?^}}", hlo, re.S | re.M).group(0)
-    built_here = [line for line in body.splitlines()  # [n / 16, k, 16] made by anything but unpacking loop state
-                  if re.search(r"= f32\[\d+,\d+,16\]\{[\d,]*\} (?!get-tuple-element\()", line)]
+    built_here = [line for line in body.splitlines()  # packed [n / 16, k, 16] or tables made in the loop
+                  if re.search(r"= (f32\[\d+,\d+,16\]|s8\[\d+,\d+,16,4\])\{[\d,]*\} (?!get-tuple-element\()", line)]
     assert not built_here, "packed weights are rebuilt inside the decode loop:\n" + "\n".join(built_here)
   assert "HumpbackPackedMatmul" in hlo and "HumpbackDecodeAttention" in hlo
+  assert ("HumpbackGreedyHeadTables" in hlo) == (vocab >= cpu_kernels.GREEDY_HEAD_MIN_VOCAB)
 
 
 @pytest.mark.parametrize("transpose_a,transpose_b", [(False, False), (False, True), (True, False), (True, True)])
@@ -252,3 +256,70 @@ def test_sharded_train_step_keeps_plain_xla():
   """Under a multi-device mesh XLA would gather every kernel operand onto each device."""
   _, hlo = _train_losses(shape=(1, 2, 1), steps=0)
   assert "Humpback" not in hlo
+
+
+def _greedy_head_ids(x, w):
+  """Greedy-head ids and argmax over every logit of x @ w as the decode loop computes them."""
+  with cpu_kernels.small_matmuls():
+    every = jax.jit(lambda x, w: cpu_kernels.argmax(cpu_kernels.small_matmul(x, w)))(x, w)
+    pruned = jax.jit(lambda x, w: cpu_kernels.greedy_head(x, cpu_kernels.greedy_head_tables(w.T), w.T))(x, w)
+  return np.asarray(pruned), np.asarray(every)
+
+
+def _trained_like(rng, m, k, n):
+  """Rows with a few dimensions far larger than the rest (as trained models' final hidden states
+  have) and a head whose logits single out a token, plus rows of near-ties."""
+  x = rng.normal(size=(m, k)).astype(np.float32)
+  x[:, :3] *= 30.0
+  w = (rng.normal(size=(k, n)) * 0.05).astype(np.float32)
+  return x, w
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 3, 17), (5, 70, 1000), (33, 96, 4099), (32, 576, 16384)])
+def test_greedy_head_picks_the_argmax_of_every_logit(m, k, n):
+  """Same token, bit for bit, as argmax over all logits: k not a multiple of 4, n not of 16, tiles
+  of 1..8 rows, flat (random) and peaked (outlier dimensions) logits."""
+  rng = np.random.default_rng(n)
+  for x, w in [(rng.normal(size=(m, k)).astype(np.float32), rng.normal(size=(k, n)).astype(np.float32)),
+               _trained_like(rng, m, k, n)]:
+    pruned, every = _greedy_head_ids(x, w)
+    np.testing.assert_array_equal(pruned, every)
+
+
+def test_greedy_head_breaks_ties_nans_and_infinities_as_argmax_does():
+  rng = np.random.default_rng(0)
+  x, w = _trained_like(rng, 6, 64, 300)
+  w[:, 250] = w[:, 40]                   # two equal columns: whichever wins, the first index
+  x[0] = w[:, 40] * 100.0                # ... and row 0 makes them win
+  x[1, 5] = np.nan                       # a NaN row: every logit NaN, index 0
+  x[2] = 0.0                             # all logits 0: index 0
+  x[3, 7] = np.inf
+  pruned, every = _greedy_head_ids(x, w)
+  np.testing.assert_array_equal(pruned, every)
+  assert pruned[0] == 40 and pruned[1] == 0 and pruned[2] == 0
+  w[9, 123] = np.inf                     # a non-finite head: every row takes every exact logit
+  pruned, every = _greedy_head_ids(x, w)
+  np.testing.assert_array_equal(pruned, every)
+
+
+def _engine_with_vocab(vocab_size, batch_size=3):
+  cfg = model_preset("toy", vocab_size=vocab_size, num_layers=2)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(axes=("data", "fsdp", "tensor"), shape=(1, 1, 1))),
+                            jax.devices()[:1])
+  layout = sharding.Layout(mesh)
+  return Engine(cfg, build.init_params(cfg, layout), layout, prompt_buckets=(8,), batch_size=batch_size)
+
+
+def test_greedy_decoding_of_a_large_vocabulary_takes_the_greedy_head_with_the_same_tokens(monkeypatch):
+  vocab = cpu_kernels.GREEDY_HEAD_MIN_VOCAB
+  prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [vocab - 1, 14, 15]]
+  engine = _engine_with_vocab(vocab)
+  pruned = engine.generate_ids(prompts, GREEDY, max_new_tokens=12)
+  sampled = engine.generate_ids(prompts, dataclasses.replace(GREEDY, temperature=0.7), max_new_tokens=4)
+  programs = {(key[-1], part): program.as_text() for (key, part), program in engine._programs.items()}
+  assert "HumpbackGreedyHead" in programs[True, "decode"] and "HumpbackArgmax" not in programs[True, "decode"]
+  assert "HumpbackGreedyHead" not in programs[False, "decode"] and all(len(row) == 4 for row in sampled)
+  monkeypatch.setattr(cpu_kernels, "GREEDY_HEAD_MIN_VOCAB", vocab + 1)
+  engine = _engine_with_vocab(vocab)
+  assert engine.generate_ids(prompts, GREEDY, max_new_tokens=12) == pruned
+  assert all("HumpbackGreedyHead" not in program.as_text() for program in engine._programs.values())

@@ -37,7 +37,8 @@ SOURCE = Path(__file__).with_name("decode_kernels.cc")
 TARGETS = ("HumpbackPackedMatmul", "HumpbackPackedSwigluMatmul", "HumpbackPackWeightStrips",
            "HumpbackDecodeAttention", "HumpbackDecodeAttentionStep", "HumpbackGemm",
            "HumpbackAttentionForward", "HumpbackAttentionBackward",
-           "HumpbackRmsNormForward", "HumpbackRmsNormBackward", "HumpbackArgmax")
+           "HumpbackRmsNormForward", "HumpbackRmsNormBackward", "HumpbackArgmax",
+           "HumpbackGreedyHeadTables", "HumpbackGreedyHead")
 STRIP = 16  # columns per packed strip of a weight (decode_kernels.cc: kStrip)
 MAX_ROWS = 64  # larger decode batches keep XLA's GEMM
 _SMALL_MATMULS = contextvars.ContextVar("humpback_small_matmuls", default=False)
@@ -166,6 +167,37 @@ def wants_argmax(x) -> bool:
 def argmax(x_rn):
   """First index of each row's maximum [rows] int32, a NaN counting as the maximum (as jnp.argmax)."""
   return jax.ffi.ffi_call("HumpbackArgmax", jax.ShapeDtypeStruct(x_rn.shape[:1], jnp.int32))(x_rn)
+
+
+GREEDY_HEAD_MIN_VOCAB = 8192  # smaller heads cost little next to the layers: the plain matmul + argmax
+
+
+def wants_greedy_head(w_nk) -> bool:
+  """Whether a decode loop's greedy steps should pick tokens with `greedy_head` rather than every
+  logit: inside `small_matmuls()`, a float32 head (transposed, [vocab, dim]) of at least
+  GREEDY_HEAD_MIN_VOCAB tokens."""
+  return (_SMALL_MATMULS.get() and w_nk.ndim == 2 and w_nk.dtype == jnp.float32
+          and w_nk.shape[0] >= GREEDY_HEAD_MIN_VOCAB and available())
+
+
+def greedy_head_tables(w_nk):
+  """The tables of a head w [k, n], given as w^T [n, k], that `greedy_head` bounds its logits with
+  (built once per decode loop): 8-bit column codes [ceil(n / 16), ceil(k / 4), 16, 4], w's float32
+  strips [ceil(n / 16), k, 16], per-column stats, offsets, and whether w is finite."""
+  n, k = w_nk.shape
+  strips = -(-n // STRIP)
+  outs = (jax.ShapeDtypeStruct((strips, -(-k // 4), STRIP, 4), jnp.int8),
+          jax.ShapeDtypeStruct((strips, k, STRIP), jnp.float32),
+          jax.ShapeDtypeStruct((strips, 4, STRIP), jnp.float32),
+          jax.ShapeDtypeStruct((strips, STRIP), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+  return jax.ffi.ffi_call("HumpbackGreedyHeadTables", outs)(w_nk)
+
+
+def greedy_head(x_mk, tables, w_nk):
+  """argmax over the vocabulary of x [m, k] @ w, w^T = w_nk [n, k]: the token that `argmax(small_matmul(x, w))`
+  picks, bit for bit, computing only the logits that an 8-bit pass over `tables` cannot rule out."""
+  out = jax.ShapeDtypeStruct(x_mk.shape[:1], jnp.int32)
+  return jax.ffi.ffi_call("HumpbackGreedyHead", out)(x_mk, *tables, w_nk)
 
 
 def wants_decode_attention(q, k, v) -> bool:

@@ -59,11 +59,21 @@ def init_params(cfg, layout: sharding.Layout, seed: int = 0):
   return init()
 
 
-def forward(cfg, params, tokens, positions=None, segment_ids=None, *, cache=None,
-            dropout_rng=None, layout=None):
-  """Pure forward pass: params dict + tokens [batch, len] -> (float32 logits, cache)."""
+def _model(cfg, params) -> Llama:
   graphdef, state = abstract_model(cfg)
   state = jax.tree.map(lambda x: x, state)  # a fresh copy to fill
   nnx.replace_by_pure_dict(state, params)
-  model = nnx.merge(graphdef, state)
-  return model(tokens, positions, segment_ids, cache=cache, dropout_rng=dropout_rng, layout=layout)
+  return nnx.merge(graphdef, state)
+
+
+def forward(cfg, params, tokens, positions=None, segment_ids=None, *, cache=None,
+            dropout_rng=None, layout=None, hidden_only: bool = False):
+  """Pure forward pass: params dict + tokens [batch, len] -> (float32 logits, cache); with
+  `hidden_only`, the final-normed hidden states [batch, len, dim] instead of the logits."""
+  return _model(cfg, params)(tokens, positions, segment_ids, cache=cache, dropout_rng=dropout_rng,
+                             layout=layout, hidden_only=hidden_only)
+
+
+def head_weight(cfg, params):
+  """The output projection [dim, vocab] (logits = final-normed hidden states @ it)."""
+  return _model(cfg, params).head_weight()

@@ -252,11 +252,13 @@ class Llama(nnx.Module):
     self.remat_policy = cfg.remat_policy
 
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, cache=None,
-               dropout_rng=None, layout=None):
+               dropout_rng=None, layout=None, hidden_only: bool = False):
     """tokens [batch, len] -> (logits [batch, len, vocab] float32, cache or None).
 
     Without a cache, `segment_ids` (0 = padding) keep packed examples apart. With a cache,
     `positions` of -1 mark left padding and the new tokens are written at `cache.index`.
+    `hidden_only` returns the final-normed hidden states [batch, len, dim] in place of the logits
+    (their product with `head_weight()`), for a caller that needs no more than the logits' argmax.
     """
     b, t = tokens_bt.shape
     constrain = layout.constrain if layout is not None else _noconstraint
@@ -284,12 +286,16 @@ class Llama(nnx.Module):
         new_k.append(kv[0])
         new_v.append(kv[1])
     x = self.final_norm(x)
-    head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-    logits = dense(x, head, out_dtype=jnp.float32)
-    logits = constrain(logits, ("batch", "length", "vocab"))
     if cache is not None:
       cache = kv_cache.KVCache(k=tuple(new_k), v=tuple(new_v), positions=kv_pos, index=cache.index + t)
-    return logits, cache
+    if hidden_only:
+      return x, cache
+    logits = dense(x, self.head_weight(), out_dtype=jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab")), cache
+
+  def head_weight(self):
+    """The output projection [dim, vocab]: the embedding's transpose when tied."""
+    return self.embed[...].T if self.lm_head is None else self.lm_head[...]
 
   def _run_block(self, layer, x, cos, sin, mask, kv, index, rng, constrain):
     if self.remat_policy == "none" or kv is not None:
