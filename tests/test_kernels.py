@@ -15,6 +15,7 @@ from humpback_jax.kernels import cpu as cpu_kernels
 from humpback_jax.model import build
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU decode kernels unavailable here")
+needs_vnni = pytest.mark.skipif(not cpu_kernels.greedy_head_built(), reason="the greedy head needs AVX-512 VNNI")
 
 
 def _normal(rng, shape):
@@ -142,7 +143,7 @@ def test_scores_are_the_same_with_and_without_the_kernels(monkeypatch):
   np.testing.assert_allclose(probs, plain_probs, rtol=1e-5)
 
 
-@pytest.mark.parametrize("vocab", [2048, cpu_kernels.GREEDY_HEAD_MIN_VOCAB])
+@pytest.mark.parametrize("vocab", [2048, pytest.param(cpu_kernels.GREEDY_HEAD_MIN_VOCAB, marks=needs_vnni)])
 def test_decode_loop_packs_each_weight_once_outside_the_loop(vocab):
   """The packed weights [n / 16, k, 16] (and the greedy head's tables, for a large vocabulary) are loop
   state of the decode while loop, not rebuilt per step."""
@@ -275,6 +276,7 @@ def _trained_like(rng, m, k, n):
   return x, w
 
 
+@needs_vnni
 @pytest.mark.parametrize("m,k,n", [(1, 3, 17), (5, 70, 1000), (33, 96, 4099), (32, 576, 16384)])
 def test_greedy_head_picks_the_argmax_of_every_logit(m, k, n):
   """Same token, bit for bit, as argmax over all logits: k not a multiple of 4, n not of 16, tiles
@@ -286,6 +288,7 @@ def test_greedy_head_picks_the_argmax_of_every_logit(m, k, n):
     np.testing.assert_array_equal(pruned, every)
 
 
+@needs_vnni
 def test_greedy_head_breaks_ties_nans_and_infinities_as_argmax_does():
   rng = np.random.default_rng(0)
   x, w = _trained_like(rng, 6, 64, 300)
@@ -310,6 +313,7 @@ def _engine_with_vocab(vocab_size, batch_size=3):
   return Engine(cfg, build.init_params(cfg, layout), layout, prompt_buckets=(8,), batch_size=batch_size)
 
 
+@needs_vnni
 def test_greedy_decoding_of_a_large_vocabulary_takes_the_greedy_head_with_the_same_tokens(monkeypatch):
   vocab = cpu_kernels.GREEDY_HEAD_MIN_VOCAB
   prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [vocab - 1, 14, 15]]
@@ -323,3 +327,12 @@ def test_greedy_decoding_of_a_large_vocabulary_takes_the_greedy_head_with_the_sa
   engine = _engine_with_vocab(vocab)
   assert engine.generate_ids(prompts, GREEDY, max_new_tokens=12) == pruned
   assert all("HumpbackGreedyHead" not in program.as_text() for program in engine._programs.values())
+
+
+def test_without_avx512_vnni_greedy_decoding_keeps_every_logit(monkeypatch):
+  """AVX2's 8-bit products gain nothing over the float32 head (bench/RESULTS.md): the plain path."""
+  monkeypatch.setattr(cpu_kernels, "greedy_head_built", lambda: False)
+  engine = _engine_with_vocab(cpu_kernels.GREEDY_HEAD_MIN_VOCAB)
+  engine.generate_ids([[5, 6, 7]], GREEDY, max_new_tokens=2)
+  (decode,) = [p.as_text() for (_, part), p in engine._programs.items() if part == "decode"]
+  assert "HumpbackArgmax" in decode and "HumpbackGreedyHead" not in decode

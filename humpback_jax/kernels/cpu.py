@@ -4,7 +4,9 @@ A decode step is a few rows times every weight, plus one query per row over the 
 XLA:CPU's Eigen GEMM and batched dot run those shapes far below the memory bandwidth that bounds
 them (bench/RESULTS.md). Whole float32 sequences (the train step, prefill, scoring) use a packed
 GEMM, a whole-sequence attention and a one-pass RMSNorm (each forward and backward) instead of
-Eigen's GEMM, XLA's masked softmax around batched dots and its split reductions. The C++ source
+Eigen's GEMM, XLA's masked softmax around batched dots and its split reductions. Greedy decoding
+picks its tokens with `greedy_head`, which computes only the logits an 8-bit bound cannot rule out.
+The C++ source
 (AVX2/FMA) is compiled once per machine with the system C++ compiler against the FFI headers
 jaxlib ships, into `~/.cache/humpback_jax/kernels/` (or
 `$HUMPBACK_KERNEL_CACHE`), keyed by the source, compiler, jaxlib and CPU. Without a compiler or
@@ -175,9 +177,16 @@ GREEDY_HEAD_MIN_VOCAB = 8192  # smaller heads cost little next to the layers: th
 def wants_greedy_head(w_nk) -> bool:
   """Whether a decode loop's greedy steps should pick tokens with `greedy_head` rather than every
   logit: inside `small_matmuls()`, a float32 head (transposed, [vocab, dim]) of at least
-  GREEDY_HEAD_MIN_VOCAB tokens."""
+  GREEDY_HEAD_MIN_VOCAB tokens, on a CPU with AVX-512 VNNI."""
   return (_SMALL_MATMULS.get() and w_nk.ndim == 2 and w_nk.dtype == jnp.float32
-          and w_nk.shape[0] >= GREEDY_HEAD_MIN_VOCAB and available())
+          and w_nk.shape[0] >= GREEDY_HEAD_MIN_VOCAB and greedy_head_built())
+
+
+@functools.cache
+def greedy_head_built() -> bool:
+  """Whether this machine's kernels include the greedy head: they do where the compiler targets
+  AVX-512 VNNI (with AVX2 alone its 8-bit pass would be slower than every logit in float32)."""
+  return available() and bool(ctypes.cdll.LoadLibrary(str(build(_compiler()))).HumpbackGreedyHeadBuilt())
 
 
 def greedy_head_tables(w_nk):

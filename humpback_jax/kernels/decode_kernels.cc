@@ -948,9 +948,10 @@ ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuff
 // Greedy decoding's vocabulary projection without computing every logit. The argmax of
 // logits = h @ w needs only the columns that could hold the maximum. An 8-bit pass bounds every
 // logit: w's columns are quantised once per decode loop (q_v = round(w_v / s_v), s_v = max|w_v| / 127),
-// each step's rows likewise, except each row's kOutlierDims largest entries (trained models have a
-// few dimensions far larger than the rest), whose products are taken in float32. The integer dot
-// products (VNNI where the CPU has it) give each logit an estimate and a proven error bound. A column
+// each step's rows likewise, except in the kOutlierDims dimensions where the rows are largest
+// (trained models have a few dimensions far larger than the rest), whose products are taken in
+// float32. The integer dot products (AVX-512 VNNI) give each logit an estimate and a proven error
+// bound. A column
 // whose upper bound is below the largest lower bound cannot be the argmax; the rest (a few dozen for
 // SmolLM2-135M) get their exact logits, computed as PackedMatmul computes them (one fused
 // multiply-add chain from zero over k, in order), so the chosen token is the one argmax over every
@@ -966,18 +967,10 @@ ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuff
 // place, where 3 would do). The whole bound is then scaled by 1.0001 for its own roundings.
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-// u8 x s8 products summed in fours into int32 lanes: one instruction.
 constexpr int32_t kRowLevels = 127, kRowOffset = 128;  // row codes are stored as p + 128, in [1, 255]
 constexpr int kHeadTileRows = 8;                        // 16 accumulators of AVX-512VL's 32 registers
+// u8 x s8 products summed in fours into int32 lanes: one instruction.
 inline __m256i DotQuads(__m256i acc, __m256i u, __m256i w) { return _mm256_dpbusd_epi32(acc, u, w); }
-#else
-// AVX2: u8 x s8 pair sums saturate at 16 bits, so rows keep 7 bits (p + 64, in [1, 127]).
-constexpr int32_t kRowLevels = 63, kRowOffset = 64;
-constexpr int kHeadTileRows = 4;
-inline __m256i DotQuads(__m256i acc, __m256i u, __m256i w) {
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, w), _mm256_set1_epi16(1)));
-}
-#endif
 constexpr int32_t kColumnLevels = 127;
 constexpr int64_t kOutlierDims = 8;
 // Per column, [strips, kHeadStats, 16]: s_v, |r_v|_2, |s_v q_v|_2, max|w_v|.
@@ -1287,6 +1280,25 @@ ffi::Error GreedyHead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer
   });
   return ffi::Error::Success();
 }
+
+extern "C" int HumpbackGreedyHeadBuilt() { return 1; }
+#else
+extern "C" int HumpbackGreedyHeadBuilt() { return 0; }
+// Without AVX-512 VNNI the 8-bit pass gains nothing over every logit in float32 (AVX2's maddubs path
+// measured 30 ms against 10 ms for SmolLM2's head at batch 32), so cpu.py never calls these (it asks
+// HumpbackGreedyHeadBuilt first).
+ffi::Error GreedyHeadTables(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::S8>,
+                            ffi::ResultBuffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>, ffi::ResultBuffer<ffi::S32>,
+                            ffi::ResultBuffer<ffi::S32>) {
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "greedy_head_tables needs AVX-512 VNNI");
+}
+
+ffi::Error GreedyHead(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S8>, ffi::Buffer<ffi::F32>,
+                      ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::F32>,
+                      ffi::ResultBuffer<ffi::S32>) {
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "greedy_head needs AVX-512 VNNI");
+}
+#endif  // AVX-512 VNNI
 
 }  // namespace
 
