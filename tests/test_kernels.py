@@ -297,6 +297,7 @@ def test_greedy_head_breaks_ties_nans_and_infinities_as_argmax_does():
   x[1, 5] = np.nan                       # a NaN row: every logit NaN, index 0
   x[2] = 0.0                             # all logits 0: index 0
   x[3, 7] = np.inf
+  x[4] *= 1e37                           # logits beyond the float range: infinities, as argmax sees them
   pruned, every = _greedy_head_ids(x, w)
   np.testing.assert_array_equal(pruned, every)
   assert pruned[0] == 40 and pruned[1] == 0 and pruned[2] == 0

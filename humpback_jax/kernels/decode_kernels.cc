@@ -956,8 +956,8 @@ ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuff
 // SmolLM2-135M) get their exact logits, computed as PackedMatmul computes them (one fused
 // multiply-add chain from zero over k, in order), so the chosen token is the one argmax over every
 // exact logit picks, bit for bit: the first index of the maximum, a NaN counting as the maximum.
-// Rows or heads with a non-finite value, and a row whose best exact logit falls below the bound
-// (never, if the bound holds), take every exact logit instead.
+// Rows or heads with a non-finite value, rows whose logits could approach the float range, and a row
+// whose best exact logit falls below the bound (never, if the bound holds) take every exact logit.
 //
 // The bound. Row h = h_O + h', h_O its outlier entries, h' = t p + rho (|p| <= kRowLevels); column
 // w_v = s_v q_v + r_v. With the estimate e_v = h_O . w_v + t s_v (p . q_v), by Cauchy-Schwarz
@@ -1037,6 +1037,7 @@ ffi::Error GreedyHeadTables(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wt, ffi:
 // One row's codes (its entries in the outlier dimensions coded 0) and the scalars of its bound.
 struct HeadRow {
   float scale = 0, rest_norm = 0, residual_norm = 0, rounding = 0;  // t, |h'|_2, |rho|_2, 2 gamma_k |h|_1
+  double abs_sum = 0;                                                // |h|_1
   bool finite = true;
 };
 
@@ -1060,6 +1061,7 @@ HeadRow QuantiseRow(const float* h, int64_t k, int64_t quads, const std::vector<
   row.rest_norm = static_cast<float>(std::sqrt(rest2));
   row.residual_norm = static_cast<float>(std::sqrt(residual2));
   row.rounding = static_cast<float>(2 * gamma * abs_sum);
+  row.abs_sum = abs_sum;
   return row;
 }
 
@@ -1214,8 +1216,12 @@ ffi::Error GreedyHead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer
   std::vector<uint8_t> row_codes(m * quads * 4);
   std::vector<HeadRow> rows(m);
   std::vector<float> outliers(m * num_outliers), exact_rows(strips * num_outliers * kStrip);
+  float w_max = 0;  // with |h|_1 max|w| far below the float range, no product, sum or bound overflows
+  for (int64_t s = 0; s < strips; ++s)
+    for (int64_t c = 0; c < kStrip; ++c) w_max = std::max(w_max, sp[(s * kHeadStats + kMaxAbs) * kStrip + c]);
   for (int64_t r = 0; r < m; ++r) {
     rows[r] = QuantiseRow(hp + r * k, k, quads, dims, gamma, row_codes.data() + r * quads * 4);
+    rows[r].finite &= rows[r].abs_sum * w_max < 1e30;  // else: every exact logit, as argmax would see them
     for (int64_t j = 0; j < num_outliers; ++j) outliers[r * num_outliers + j] = hp[r * k + dims[j]];
   }
   float* xp = exact_rows.data();
