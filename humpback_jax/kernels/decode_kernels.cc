@@ -976,6 +976,66 @@ constexpr int64_t kOutlierDims = 8;
 // Per column, [strips, kHeadStats, 16]: s_v, |r_v|_2, |s_v q_v|_2, max|w_v|.
 enum HeadStat { kScale, kResidualNorm, kCodeNorm, kMaxAbs, kHeadStats };
 
+// One column of w [k]: q = round(w / s) (s = max|w| / 127; any rounding of w / s would do, the
+// residual below is measured, not assumed), its codes written in fours 64 bytes apart from `codes`.
+struct ColumnCodes {
+  float maxabs = 0, scale = 0;
+  double residual2 = 0;        // sum_i (w_i - s q_i)^2
+  int64_t sum = 0, square_sum = 0;  // sum_i q_i, sum_i q_i^2 (exact)
+  bool finite = true;
+};
+
+ColumnCodes QuantiseColumn(const float* w, int64_t k, int8_t* codes) {
+  ColumnCodes out;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 x = _mm256_loadu_ps(w + i);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, x));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  out.maxabs = *std::max_element(lanes, lanes + 8);
+  out.finite = _mm256_movemask_ps(bad) == 0;
+  for (; i < k; ++i) out.finite &= std::isfinite(w[i]), out.maxabs = std::max(out.maxabs, std::fabs(w[i]));
+  if (!out.finite) return out;  // the head is then never bounded (GreedyHead takes every exact logit)
+  out.scale = out.maxabs / kColumnLevels;
+  const float inverse = out.scale > 0 ? 1.f / out.scale : 0.f;
+  const __m256 vinv = _mm256_set1_ps(inverse), vscale = _mm256_set1_ps(out.scale);
+  const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  __m256d r2a = _mm256_setzero_pd(), r2b = _mm256_setzero_pd();
+  __m256i qsum = _mm256_setzero_si256(), q2sum = _mm256_setzero_si256();
+  for (i = 0; i + 8 <= k; i += 8) {
+    const __m256 x = _mm256_loadu_ps(w + i);
+    const __m256 q = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_mul_ps(x, vinv), _MM_FROUND_TO_NEAREST_INT |
+                                                                  _MM_FROUND_NO_EXC), lo), hi);
+    const __m256 r = _mm256_fnmadd_ps(vscale, q, x);  // x - s q, rounded once
+    const __m256d r0 = _mm256_cvtps_pd(_mm256_castps256_ps128(r)), r1 = _mm256_cvtps_pd(_mm256_extractf128_ps(r, 1));
+    r2a = _mm256_fmadd_pd(r0, r0, r2a), r2b = _mm256_fmadd_pd(r1, r1, r2b);
+    const __m256i qi = _mm256_cvtps_epi32(q);
+    qsum = _mm256_add_epi32(qsum, qi), q2sum = _mm256_add_epi32(q2sum, _mm256_mullo_epi32(qi, qi));
+    alignas(32) int32_t qs[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(qs), qi);
+    for (int j = 0; j < 8; ++j) codes[((i + j) / 4) * kStrip * 4 + (i + j) % 4] = static_cast<int8_t>(qs[j]);
+  }
+  alignas(32) double d[4];
+  _mm256_store_pd(d, _mm256_add_pd(r2a, r2b));
+  out.residual2 = d[0] + d[1] + d[2] + d[3];
+  alignas(32) int32_t a[8], b[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(a), qsum), _mm256_store_si256(reinterpret_cast<__m256i*>(b), q2sum);
+  for (int j = 0; j < 8; ++j) out.sum += a[j], out.square_sum += b[j];
+  for (; i < k; ++i) {
+    const float q = std::min(std::max(std::nearbyint(w[i] * inverse), -127.f), 127.f);
+    const double r = std::fma(-out.scale, q, w[i]);
+    out.residual2 += r * r, out.sum += static_cast<int64_t>(q), out.square_sum += static_cast<int64_t>(q * q);
+    codes[(i / 4) * kStrip * 4 + i % 4] = static_cast<int8_t>(q);
+  }
+  // The float rounding of x - s q (relative 2^-24) is covered by the bound's 1.0001 factor.
+  return out;
+}
+
 // Tables of w [k, n], read as wt = w^T [n, k]: codes [strips, ceil(k / 4), 16, 4] int8 (column c of
 // a strip's k-quad j holds q[4j .. 4j + 3] of that column), w's float32 strips [strips, k, 16] (the
 // layout PackWeightStrips writes; rows of the outlier dimensions are read from them), stats
@@ -1001,27 +1061,19 @@ ffi::Error GreedyHeadTables(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wt, ffi:
     for (int64_t s = chunk * kStripsPerChunk; s < std::min(strips, (chunk + 1) * kStripsPerChunk); ++s) {
       int8_t* strip = qp + s * quads * kStrip * 4;
       float *fs = fp + s * k * kStrip, *st = sp + s * kHeadStats * kStrip;
-      std::fill(strip, strip + quads * kStrip * 4, 0);
-      std::fill(fs, fs + k * kStrip, 0.f);
+      const int64_t cols = std::min(kStrip, n - s * kStrip);
+      if (cols < kStrip || k % 4) std::fill(strip, strip + quads * kStrip * 4, 0);  // padding: zero codes
+      if (cols < kStrip) std::fill(fs, fs + k * kStrip, 0.f);
       std::fill(st, st + kHeadStats * kStrip, 0.f);
       std::fill(op + s * kStrip, op + (s + 1) * kStrip, 0);
-      for (int64_t c = 0; c < std::min(kStrip, n - s * kStrip); ++c) {
+      for (int64_t c = 0; c < cols; ++c) {
         const float* column = wp + (s * kStrip + c) * k;
-        float maxabs = 0;
-        for (int64_t i = 0; i < k; ++i) {
-          if (!std::isfinite(column[i])) badp[s] = 1;
-          maxabs = std::max(maxabs, std::fabs(column[i]));
-          fs[i * kStrip + c] = column[i];
-        }
-        const float scale = maxabs / kColumnLevels;
-        double residual2 = 0, code2 = 0;
-        int32_t code_sum = 0;
-        for (int64_t i = 0; i < k; ++i) {
-          const float q = scale > 0 ? std::min(std::max(std::nearbyint(column[i] / scale), -127.f), 127.f) : 0.f;
-          const double r = double(column[i]) - double(scale) * q, sq = double(scale) * q;
-          residual2 += r * r, code2 += sq * sq, code_sum += static_cast<int32_t>(q);
-          strip[((i / 4) * kStrip + c) * 4 + i % 4] = static_cast<int8_t>(q);
-        }
+        const ColumnCodes codes = QuantiseColumn(column, k, strip + c * 4);
+        badp[s] |= !codes.finite;
+        for (int64_t i = 0; i < k; ++i) fs[i * kStrip + c] = column[i];
+        const float scale = codes.scale, maxabs = codes.maxabs;
+        const double residual2 = codes.residual2, code2 = double(scale) * scale * codes.square_sum;
+        const int32_t code_sum = codes.sum;
         st[kScale * kStrip + c] = scale;
         st[kResidualNorm * kStrip + c] = static_cast<float>(std::sqrt(residual2));
         st[kCodeNorm * kStrip + c] = static_cast<float>(std::sqrt(code2));
