@@ -47,7 +47,7 @@ GREEDY = SamplingParams(temperature=0.0, top_p=1.0)
 @dataclasses.dataclass
 class EngineStats:
   """Counters over an engine's lifetime (compiles, padding, tokens, time, skipped inputs)."""
-  compiles: int = 0         # distinct (kind, batch, bucket, max_new) shapes compiled
+  compiles: int = 0         # distinct (kind, batch, bucket, max_new, greedy) shapes compiled
   compile_seconds: float = 0.0
   batches: int = 0
   prompt_slots: int = 0     # prompt tokens + padding, over every batch (dummy rows included)
@@ -164,6 +164,9 @@ def decode(cfg, layout, params, cache, token_b, position_b, row_ids_b, max_new_b
   b = token_b.shape[0]
   base = jax.random.key(seed)
   row_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(row_ids_b)
+  with cpu_kernels.small_matmuls():  # the greedy head's tables: built once, outside the loop
+    head_nk = build.head_weight(cfg, params).T  # [vocab, dim]: the tied embedding itself, no copy
+    head_tables = cpu_kernels.greedy_head_tables(head_nk) if greedy and cpu_kernels.wants_greedy_head(head_nk) else None
 
   def next_tokens(token, position, cache, step):
     if head_tables is None:
@@ -189,8 +192,6 @@ def decode(cfg, layout, params, cache, token_b, position_b, row_ids_b, max_new_b
   carry = (jnp.zeros((), jnp.int32), token_b, position_b, cache, jnp.full((b, max_new), -1, jnp.int32),
            jnp.zeros((b,), jnp.int32), max_new_b <= 0)
   with cpu_kernels.small_matmuls():  # CPU: few-row matmuls take our kernel, weights packed once
-    head_nk = build.head_weight(cfg, params).T  # [vocab, dim]: the tied embedding itself, no copy
-    head_tables = cpu_kernels.greedy_head_tables(head_nk) if greedy and cpu_kernels.wants_greedy_head(head_nk) else None
     _, _, _, cache, out, counts, _ = jax.lax.while_loop(cond, body, carry)
   return out, counts, cache
 

@@ -5,10 +5,9 @@ XLA:CPU's Eigen GEMM and batched dot run those shapes far below the memory bandw
 them (bench/RESULTS.md). Whole float32 sequences (the train step, prefill, scoring) use a packed
 GEMM, a whole-sequence attention and a one-pass RMSNorm (each forward and backward) instead of
 Eigen's GEMM, XLA's masked softmax around batched dots and its split reductions. Greedy decoding
-picks its tokens with `greedy_head`, which computes only the logits an 8-bit bound cannot rule out.
-The C++ source
-(AVX2/FMA) is compiled once per machine with the system C++ compiler against the FFI headers
-jaxlib ships, into `~/.cache/humpback_jax/kernels/` (or
+picks its tokens with `greedy_head`, which computes only the logits an 8-bit bound cannot rule out
+(where the CPU has AVX-512 VNNI). The C++ source (AVX2/FMA) is compiled once per machine with the
+system C++ compiler against the FFI headers jaxlib ships, into `~/.cache/humpback_jax/kernels/` (or
 `$HUMPBACK_KERNEL_CACHE`), keyed by the source, compiler, jaxlib and CPU. Without a compiler or
 AVX2, on other backends, or with `HUMPBACK_CPU_KERNELS=0`, callers keep the plain-XLA path.
 Under a multi-device mesh XLA gathers the kernels' operands onto each device (correct, not fast):

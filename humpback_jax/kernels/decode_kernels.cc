@@ -10,7 +10,9 @@
 // Whole sequences (the train step, prompt prefill, scoring) get a packed GEMM (every dense layer
 // and its two gradients), a whole-sequence attention, forward and backward, that skips the causal
 // triangle and never materialises the masks, transposes and softmax passes XLA builds around its
-// batched dots, and a one-pass RMSNorm (forward and backward).
+// batched dots, and a one-pass RMSNorm (forward and backward). Greedy decoding's vocabulary
+// projection is bounded by an 8-bit pass (AVX-512 VNNI) so that only the logits that could be the
+// largest are computed (GreedyHead).
 #include <immintrin.h>
 
 #include <algorithm>
