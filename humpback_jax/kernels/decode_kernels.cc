@@ -953,9 +953,8 @@ ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuff
 // each step's rows likewise, except in the kOutlierDims dimensions where the rows are largest
 // (trained models have a few dimensions far larger than the rest), whose products are taken in
 // float32. The integer dot products (AVX-512 VNNI) give each logit an estimate and a proven error
-// bound. A column
-// whose upper bound is below the largest lower bound cannot be the argmax; the rest (a few dozen for
-// SmolLM2-135M) get their exact logits, computed as PackedMatmul computes them (one fused
+// bound. A column whose upper bound is below the largest lower bound cannot be the argmax; the rest
+// (a median of 1 per row for SmolLM2-135M's decode steps) get their exact logits, computed as PackedMatmul computes them (one fused
 // multiply-add chain from zero over k, in order), so the chosen token is the one argmax over every
 // exact logit picks, bit for bit: the first index of the maximum, a NaN counting as the maximum.
 // Rows or heads with a non-finite value, rows whose logits could approach the float range, and a row
