@@ -90,8 +90,8 @@ def test_decode_attention_step_rotates_writes_the_cache_then_attends(kv, group, 
   np.testing.assert_array_equal(out, out_expected)
 
 
-def _toy_engine(batch_size=2):
-  cfg = model_preset("toy")
+def _toy_engine(batch_size=2, **model_overrides):
+  cfg = model_preset("toy", **model_overrides)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(axes=("data", "fsdp", "tensor"), shape=(1, 1, 1))),
                             jax.devices()[:1])
   layout = sharding.Layout(mesh)
@@ -147,7 +147,7 @@ def test_scores_are_the_same_with_and_without_the_kernels(monkeypatch):
 def test_decode_loop_packs_each_weight_once_outside_the_loop(vocab):
   """The packed weights [n / 16, k, 16] (and the greedy head's tables, for a large vocabulary) are loop
   state of the decode while loop, not rebuilt per step."""
-  engine = _engine_with_vocab(vocab, batch_size=2)
+  engine = _toy_engine(vocab_size=vocab, num_layers=2)
   engine.generate_ids([[5, 6, 7], [8, 9]], GREEDY, max_new_tokens=3)
   (decode,) = [p for (_, part), p in engine._programs.items() if part == "decode"]
   hlo = decode.as_text()
@@ -306,26 +306,18 @@ def test_greedy_head_breaks_ties_nans_and_infinities_as_argmax_does():
   np.testing.assert_array_equal(pruned, every)
 
 
-def _engine_with_vocab(vocab_size, batch_size=3):
-  cfg = model_preset("toy", vocab_size=vocab_size, num_layers=2)
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(axes=("data", "fsdp", "tensor"), shape=(1, 1, 1))),
-                            jax.devices()[:1])
-  layout = sharding.Layout(mesh)
-  return Engine(cfg, build.init_params(cfg, layout), layout, prompt_buckets=(8,), batch_size=batch_size)
-
-
 @needs_vnni
 def test_greedy_decoding_of_a_large_vocabulary_takes_the_greedy_head_with_the_same_tokens(monkeypatch):
   vocab = cpu_kernels.GREEDY_HEAD_MIN_VOCAB
   prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [vocab - 1, 14, 15]]
-  engine = _engine_with_vocab(vocab)
+  engine = _toy_engine(3, vocab_size=vocab, num_layers=2)
   pruned = engine.generate_ids(prompts, GREEDY, max_new_tokens=12)
   sampled = engine.generate_ids(prompts, dataclasses.replace(GREEDY, temperature=0.7), max_new_tokens=4)
   programs = {(key[-1], part): program.as_text() for (key, part), program in engine._programs.items()}
   assert "HumpbackGreedyHead" in programs[True, "decode"] and "HumpbackArgmax" not in programs[True, "decode"]
   assert "HumpbackGreedyHead" not in programs[False, "decode"] and all(len(row) == 4 for row in sampled)
   monkeypatch.setattr(cpu_kernels, "GREEDY_HEAD_MIN_VOCAB", vocab + 1)
-  engine = _engine_with_vocab(vocab)
+  engine = _toy_engine(3, vocab_size=vocab, num_layers=2)
   assert engine.generate_ids(prompts, GREEDY, max_new_tokens=12) == pruned
   assert all("HumpbackGreedyHead" not in program.as_text() for program in engine._programs.values())
 
@@ -333,7 +325,7 @@ def test_greedy_decoding_of_a_large_vocabulary_takes_the_greedy_head_with_the_sa
 def test_without_avx512_vnni_greedy_decoding_keeps_every_logit(monkeypatch):
   """AVX2's 8-bit products gain nothing over the float32 head (bench/RESULTS.md): the plain path."""
   monkeypatch.setattr(cpu_kernels, "greedy_head_built", lambda: False)
-  engine = _engine_with_vocab(cpu_kernels.GREEDY_HEAD_MIN_VOCAB)
+  engine = _toy_engine(3, vocab_size=cpu_kernels.GREEDY_HEAD_MIN_VOCAB, num_layers=2)
   engine.generate_ids([[5, 6, 7]], GREEDY, max_new_tokens=2)
   (decode,) = [p.as_text() for (_, part), p in engine._programs.items() if part == "decode"]
   assert "HumpbackArgmax" in decode and "HumpbackGreedyHead" not in decode

@@ -86,24 +86,30 @@ def build(compiler: str) -> Path:
 
 
 @functools.cache
-def available() -> bool:
-  """True when the kernels are built and registered for this process's CPU backend."""
+def _library() -> ctypes.CDLL | None:
+  """The kernels' shared library, built and its targets registered for this process's CPU backend;
+  None where they cannot run (the reason printed once)."""
   if os.environ.get("HUMPBACK_CPU_KERNELS", "1") == "0" or jax.default_backend() != "cpu":
-    return False
+    return None
   if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= _cpu_flags():
-    return False
+    return None
   compiler = _compiler()
   if compiler is None:
     print("humpback_jax: no C++ compiler found; CPU decoding uses plain XLA (slower)", file=sys.stderr)
-    return False
+    return None
   try:
     library = ctypes.cdll.LoadLibrary(str(build(compiler)))
   except (RuntimeError, OSError) as e:
     print(f"humpback_jax: CPU decode kernels unavailable, using plain XLA: {e}", file=sys.stderr)
-    return False
+    return None
   for name in TARGETS:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
-  return True
+  return library
+
+
+def available() -> bool:
+  """True when the kernels are built and registered for this process's CPU backend."""
+  return _library() is not None
 
 
 @contextlib.contextmanager
@@ -181,23 +187,23 @@ def wants_greedy_head(w_nk) -> bool:
           and w_nk.shape[0] >= GREEDY_HEAD_MIN_VOCAB and greedy_head_built())
 
 
-@functools.cache
 def greedy_head_built() -> bool:
   """Whether this machine's kernels include the greedy head: they do where the compiler targets
   AVX-512 VNNI (with AVX2 alone its 8-bit pass would be slower than every logit in float32)."""
-  return available() and bool(ctypes.cdll.LoadLibrary(str(build(_compiler()))).HumpbackGreedyHeadBuilt())
+  return available() and bool(_library().HumpbackGreedyHeadBuilt())
 
 
 def greedy_head_tables(w_nk):
   """The tables of a head w [k, n], given as w^T [n, k], that `greedy_head` bounds its logits with
   (built once per decode loop): 8-bit column codes [ceil(n / 16), ceil(k / 4), 16, 4], w's float32
-  strips [ceil(n / 16), k, 16], per-column stats, offsets, and whether w is finite."""
+  strips [ceil(n / 16), k, 16], per-column stats, offsets, and max |w| (infinite or NaN where w is not
+  finite)."""
   n, k = w_nk.shape
   strips = -(-n // STRIP)
   outs = (jax.ShapeDtypeStruct((strips, -(-k // 4), STRIP, 4), jnp.int8),
           jax.ShapeDtypeStruct((strips, k, STRIP), jnp.float32),
           jax.ShapeDtypeStruct((strips, 4, STRIP), jnp.float32),
-          jax.ShapeDtypeStruct((strips, STRIP), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+          jax.ShapeDtypeStruct((strips, STRIP), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.float32))
   return jax.ffi.ffi_call("HumpbackGreedyHeadTables", outs)(w_nk)
 
 

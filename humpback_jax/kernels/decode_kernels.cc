@@ -1041,11 +1041,11 @@ ColumnCodes QuantiseColumn(const float* w, int64_t k, int8_t* codes) {
 // a strip's k-quad j holds q[4j .. 4j + 3] of that column), w's float32 strips [strips, k, 16] (the
 // layout PackWeightStrips writes; rows of the outlier dimensions are read from them), stats
 // [strips, kHeadStats, 16], offsets [strips, 16] int32 (kRowOffset sum_i q_iv: what the row codes'
-// offset adds to a dot product) and finite [1] (0 when w holds a NaN or an infinity). Columns past
-// n are zero.
+// offset adds to a dot product) and head_max [1] = max|w| (infinite where w holds a NaN or an
+// infinity). Columns past n are zero.
 ffi::Error GreedyHeadTables(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wt, ffi::ResultBuffer<ffi::S8> codes,
                             ffi::ResultBuffer<ffi::F32> strips_out, ffi::ResultBuffer<ffi::F32> stats,
-                            ffi::ResultBuffer<ffi::S32> offsets, ffi::ResultBuffer<ffi::S32> finite) {
+                            ffi::ResultBuffer<ffi::S32> offsets, ffi::ResultBuffer<ffi::F32> head_max) {
   auto wd = wt.dimensions(), cd = codes->dimensions(), fd = strips_out->dimensions();
   if (wd.size() != 2 || cd.size() != 4 || cd[0] != (wd[0] + kStrip - 1) / kStrip || cd[1] != (wd[1] + 3) / 4 ||
       cd[2] != kStrip || cd[3] != 4 || fd.size() != 3 || fd[0] != cd[0] || fd[1] != wd[1] || fd[2] != kStrip)
@@ -1056,8 +1056,8 @@ ffi::Error GreedyHeadTables(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wt, ffi:
   int8_t* qp = codes->typed_data();
   float *fp = strips_out->typed_data(), *sp = stats->typed_data();
   int32_t* op = offsets->typed_data();
-  std::vector<int32_t> bad(strips, 0);
-  int32_t* badp = bad.data();
+  std::vector<float> strip_max(strips, 0.f);
+  float* smp = strip_max.data();
   ParallelFor(pool, (strips + kStripsPerChunk - 1) / kStripsPerChunk, [=](int64_t chunk) {
     for (int64_t s = chunk * kStripsPerChunk; s < std::min(strips, (chunk + 1) * kStripsPerChunk); ++s) {
       int8_t* strip = qp + s * quads * kStrip * 4;
@@ -1069,21 +1069,18 @@ ffi::Error GreedyHeadTables(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wt, ffi:
       std::fill(op + s * kStrip, op + (s + 1) * kStrip, 0);
       for (int64_t c = 0; c < cols; ++c) {
         const float* column = wp + (s * kStrip + c) * k;
-        const ColumnCodes codes = QuantiseColumn(column, k, strip + c * 4);
-        badp[s] |= !codes.finite;
+        const ColumnCodes q = QuantiseColumn(column, k, strip + c * 4);
+        smp[s] = q.finite ? std::max(smp[s], q.maxabs) : INFINITY;
         for (int64_t i = 0; i < k; ++i) fs[i * kStrip + c] = column[i];
-        const float scale = codes.scale, maxabs = codes.maxabs;
-        const double residual2 = codes.residual2, code2 = double(scale) * scale * codes.square_sum;
-        const int32_t code_sum = codes.sum;
-        st[kScale * kStrip + c] = scale;
-        st[kResidualNorm * kStrip + c] = static_cast<float>(std::sqrt(residual2));
-        st[kCodeNorm * kStrip + c] = static_cast<float>(std::sqrt(code2));
-        st[kMaxAbs * kStrip + c] = maxabs;
-        op[s * kStrip + c] = kRowOffset * code_sum;
+        st[kScale * kStrip + c] = q.scale;
+        st[kResidualNorm * kStrip + c] = static_cast<float>(std::sqrt(q.residual2));
+        st[kCodeNorm * kStrip + c] = static_cast<float>(q.scale * std::sqrt(double(q.square_sum)));
+        st[kMaxAbs * kStrip + c] = q.maxabs;
+        op[s * kStrip + c] = static_cast<int32_t>(kRowOffset * q.sum);
       }
     }
   });
-  finite->typed_data()[0] = std::find(bad.begin(), bad.end(), 1) == bad.end();
+  head_max->typed_data()[0] = *std::max_element(strip_max.begin(), strip_max.end());
   return ffi::Error::Success();
 }
 
@@ -1248,7 +1245,7 @@ constexpr int64_t kHeadStripsPerChunk = 48;
 // ids [m] = argmax over columns of h [m, k] @ w, from GreedyHeadTables' outputs and wt = w^T [n, k].
 ffi::Error GreedyHead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::S8> codes,
                       ffi::Buffer<ffi::F32> fstrips, ffi::Buffer<ffi::F32> stats, ffi::Buffer<ffi::S32> offsets,
-                      ffi::Buffer<ffi::S32> finite, ffi::Buffer<ffi::F32> wt, ffi::ResultBuffer<ffi::S32> ids) {
+                      ffi::Buffer<ffi::F32> head_max, ffi::Buffer<ffi::F32> wt, ffi::ResultBuffer<ffi::S32> ids) {
   auto hd = h.dimensions(), cd = codes.dimensions(), td = wt.dimensions();
   if (hd.size() != 2 || td.size() != 2 || cd.size() != 4 || td[1] != hd[1] || cd[1] != (hd[1] + 3) / 4 ||
       cd[0] != (td[0] + kStrip - 1) / kStrip || ids->dimensions()[0] != hd[0])
@@ -1258,7 +1255,8 @@ ffi::Error GreedyHead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer
   const int8_t* qp = codes.typed_data();
   const int32_t* op = offsets.typed_data();
   int32_t* out = ids->typed_data();
-  if (!finite.typed_data()[0]) {
+  const float w_max = head_max.typed_data()[0];
+  if (!std::isfinite(w_max)) {
     ParallelFor(pool, m, [=](int64_t r) { out[r] = ExactArgmax(hp + r * k, wtp, k, n); });
     return ffi::Error::Success();
   }
@@ -1269,12 +1267,11 @@ ffi::Error GreedyHead(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer
   std::vector<uint8_t> row_codes(m * quads * 4);
   std::vector<HeadRow> rows(m);
   std::vector<float> outliers(m * num_outliers), exact_rows(strips * num_outliers * kStrip);
-  float w_max = 0;  // with |h|_1 max|w| far below the float range, no product, sum or bound overflows
-  for (int64_t s = 0; s < strips; ++s)
-    for (int64_t c = 0; c < kStrip; ++c) w_max = std::max(w_max, sp[(s * kHeadStats + kMaxAbs) * kStrip + c]);
   for (int64_t r = 0; r < m; ++r) {
     rows[r] = QuantiseRow(hp + r * k, k, quads, dims, gamma, row_codes.data() + r * quads * 4);
-    rows[r].finite &= rows[r].abs_sum * w_max < 1e30;  // else: every exact logit, as argmax would see them
+    // With |h|_1 max|w| far below the float range no product, sum or bound overflows; else every
+    // exact logit, as argmax would see them.
+    rows[r].finite &= rows[r].abs_sum * w_max < 1e30;
     for (int64_t j = 0; j < num_outliers; ++j) outliers[r * num_outliers + j] = hp[r * k + dims[j]];
   }
   float* xp = exact_rows.data();
@@ -1348,12 +1345,12 @@ extern "C" int HumpbackGreedyHeadBuilt() { return 0; }
 // HumpbackGreedyHeadBuilt first).
 ffi::Error GreedyHeadTables(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::S8>,
                             ffi::ResultBuffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>, ffi::ResultBuffer<ffi::S32>,
-                            ffi::ResultBuffer<ffi::S32>) {
+                            ffi::ResultBuffer<ffi::F32>) {
   return ffi::Error(ffi::ErrorCode::kUnimplemented, "greedy_head_tables needs AVX-512 VNNI");
 }
 
 ffi::Error GreedyHead(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S8>, ffi::Buffer<ffi::F32>,
-                      ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::F32>,
+                      ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
                       ffi::ResultBuffer<ffi::S32>) {
   return ffi::Error(ffi::ErrorCode::kUnimplemented, "greedy_head needs AVX-512 VNNI");
 }
@@ -1474,7 +1471,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackGreedyHeadTables, GreedyHeadTables,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackGreedyHead, GreedyHead,
                               ffi::Ffi::Bind()
@@ -1484,6 +1481,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HumpbackGreedyHead, GreedyHead,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
