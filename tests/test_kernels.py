@@ -173,6 +173,17 @@ def test_gemm_equals_numpy_in_every_layout(m, k, n, transpose_a, transpose_b):
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4 * np.sqrt(k))
 
 
+@pytest.mark.parametrize("m,n", [(24, 64), (31, 80), (12, 47), (5, 32)])
+def test_gemm_tiles_compute_each_element_as_one_fma_chain(m, n):
+  """Whatever tile covers an element (AVX-512's 12 x 32, the 6 x 16 edges: odd panels, short strips),
+  a k <= 256 product is one FMA chain over k in order, bit for bit the decode kernel's."""
+  rng = np.random.default_rng(m * n)
+  a, b = _normal(rng, (m, 200)), _normal(rng, (200, n))
+  gemm = jax.jit(cpu_kernels.gemm)(a, b)
+  np.testing.assert_array_equal(np.asarray(gemm).view(np.int32),
+                                np.asarray(jax.jit(cpu_kernels.small_matmul)(a, b)).view(np.int32))
+
+
 def test_matmul_gradients_equal_xla():
   rng = np.random.default_rng(1)
   x, w, dy = _normal(rng, (70, 48)), _normal(rng, (48, 40)), _normal(rng, (70, 40))

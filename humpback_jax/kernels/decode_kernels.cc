@@ -254,7 +254,8 @@ ffi::Error PackedSwigluMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
 // layers and their two gradients (x @ w, dy @ w^T, x^T @ dy). BLIS's scheme: both operands are
 // packed once per call (a into 6-row panels [m / 6, k, 6], b into 16-column strips [n / 16, k, 16],
 // zero-padded), then blocks of c are computed in parallel, each in 256-deep slices of k so that a
-// strip's slice (16 KB) stays in L1 while it meets every 6-row panel of the block (L2).
+// strip's slice (16 KB) stays in L1 while it meets every 6-row panel of the block (L2). With AVX-512,
+// pairs of panels meet pairs of strips in 12 x 32 tiles (PanelPairTile), the edges in 6 x 16 ones.
 
 constexpr int64_t kPanel = 6, kDepth = 256, kBlockRows = 96, kBlockCols = 256;
 
@@ -304,6 +305,44 @@ __attribute__((noinline)) void StridedTileApart(const float* a, int64_t ra, int6
                                                 int64_t depth, float* c, int64_t ldc, bool accumulate) {
   StridedTile<R>(a, ra, ia, b, depth, c, ldc, accumulate);
 }
+
+#if defined(__AVX512F__)
+// c[12, 32] (+)= two consecutive packed 6-row panels [depth, 6] @ two consecutive 16-column strips
+// [depth, 16], in 24 AVX-512 accumulators: per step of k, 2 strip loads and 12 broadcasts feed 24
+// FMAs (StridedTile's 6 x 16: 8 loads per 12). Each element is the same chain of FMAs as there.
+#define HJ_ZROW(n, panel, r)                                   \
+  {                                                            \
+    const __m512 ar = _mm512_set1_ps(panel[i * kPanel + r]);   \
+    c##n##0 = _mm512_fmadd_ps(ar, b0, c##n##0);                \
+    c##n##1 = _mm512_fmadd_ps(ar, b1, c##n##1);                \
+  }
+#define HJ_ZSTORE(n, r)                                                             \
+  {                                                                                 \
+    if (accumulate) {                                                               \
+      c##n##0 = _mm512_add_ps(c##n##0, _mm512_loadu_ps(c + r * ldc));               \
+      c##n##1 = _mm512_add_ps(c##n##1, _mm512_loadu_ps(c + r * ldc + kStrip));      \
+    }                                                                               \
+    _mm512_storeu_ps(c + r * ldc, c##n##0);                                         \
+    _mm512_storeu_ps(c + r * ldc + kStrip, c##n##1);                                \
+  }
+
+__attribute__((noinline)) void PanelPairTile(const float* pa, const float* pb, const float* sa, const float* sb,
+                                             int64_t depth, float* c, int64_t ldc, bool accumulate) {
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+  __m512 c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00;
+  __m512 c80 = c00, c81 = c00, c90 = c00, c91 = c00, cA0 = c00, cA1 = c00, cB0 = c00, cB1 = c00;
+  for (int64_t i = 0; i < depth; ++i) {
+    __m512 b0 = _mm512_loadu_ps(sa + i * kStrip), b1 = _mm512_loadu_ps(sb + i * kStrip);
+    asm("" : "+v"(b0), "+v"(b1));  // in registers, not folded into every FMA (see StridedTile)
+    HJ_ZROW(0, pa, 0) HJ_ZROW(1, pa, 1) HJ_ZROW(2, pa, 2) HJ_ZROW(3, pa, 3) HJ_ZROW(4, pa, 4) HJ_ZROW(5, pa, 5)
+    HJ_ZROW(6, pb, 0) HJ_ZROW(7, pb, 1) HJ_ZROW(8, pb, 2) HJ_ZROW(9, pb, 3) HJ_ZROW(A, pb, 4) HJ_ZROW(B, pb, 5)
+  }
+  HJ_ZSTORE(0, 0) HJ_ZSTORE(1, 1) HJ_ZSTORE(2, 2) HJ_ZSTORE(3, 3) HJ_ZSTORE(4, 4) HJ_ZSTORE(5, 5)
+  HJ_ZSTORE(6, 6) HJ_ZSTORE(7, 7) HJ_ZSTORE(8, 8) HJ_ZSTORE(9, 9) HJ_ZSTORE(A, 10) HJ_ZSTORE(B, 11)
+}
+#undef HJ_ZROW
+#undef HJ_ZSTORE
+#endif
 
 // Packed operands are stored slice by slice of k (kDepth deep, the last one shorter), so that a
 // block's panels (or strips) for one slice are contiguous: slice k0 starts at k0 * units * width,
@@ -416,22 +455,34 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
     for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
       const int64_t depth = std::min(kDepth, k - k0);
       const bool accumulate = k0 > 0;
-      for (int64_t s = s0; s < s1; ++s) {
-        const float* strip = bp + PackedOffset(k0, k, strips, s, kStrip);
-        const int64_t col0 = s * kStrip, cols = std::min(kStrip, n - col0);
-        for (int64_t p = p0; p < p1; ++p) {
-          const float* panel = ap + PackedOffset(k0, k, panels, p, kPanel);
-          const int64_t row0 = p * kPanel, rows = std::min(kPanel, m - row0);
-          float* ct = cv + row0 * n + col0;
-          if (rows == kPanel && cols == kStrip) {
-            StridedTile<kPanel>(panel, 1, kPanel, strip, depth, ct, n, accumulate);
-            continue;
-          }
-          StridedTile<kPanel>(panel, 1, kPanel, strip, depth, edge, kStrip, false);
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t j = 0; j < cols; ++j)
-              ct[r * n + j] = accumulate ? ct[r * n + j] + edge[r * kStrip + j] : edge[r * kStrip + j];
+      const auto strip_of = [&](int64_t s) { return bp + PackedOffset(k0, k, strips, s, kStrip); };
+      const auto panel_of = [&](int64_t p) { return ap + PackedOffset(k0, k, panels, p, kPanel); };
+      for (int64_t s = s0; s < s1;) {
+        int64_t p = p0, width = 1;  // panels below p are done for strips s .. s + width - 1
+#if defined(__AVX512F__)
+        if (s + 1 < s1 && (s + 2) * kStrip <= n) {  // two full strips: 12 x 32 tiles of full panels
+          width = 2;
+          for (; p + 1 < p1 && (p + 2) * kPanel <= m; p += 2)
+            PanelPairTile(panel_of(p), panel_of(p + 1), strip_of(s), strip_of(s + 1), depth, cv + p * kPanel * n + s * kStrip,
+                          n, accumulate);
         }
+#endif
+        for (int64_t t = s; t < s + width; ++t) {
+          const int64_t col0 = t * kStrip, cols = std::min(kStrip, n - col0);
+          for (int64_t q = p; q < p1; ++q) {
+            const int64_t row0 = q * kPanel, rows = std::min(kPanel, m - row0);
+            float* ct = cv + row0 * n + col0;
+            if (rows == kPanel && cols == kStrip) {
+              StridedTile<kPanel>(panel_of(q), 1, kPanel, strip_of(t), depth, ct, n, accumulate);
+              continue;
+            }
+            StridedTile<kPanel>(panel_of(q), 1, kPanel, strip_of(t), depth, edge, kStrip, false);
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t j = 0; j < cols; ++j)
+                ct[r * n + j] = accumulate ? ct[r * n + j] + edge[r * kStrip + j] : edge[r * kStrip + j];
+          }
+        }
+        s += width;
       }
     }
   });
