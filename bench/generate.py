@@ -150,7 +150,8 @@ def main():
           ratios.append(ours / theirs)
         print(f"{name:<14}{batch:>6}{ours:>12.0f}{theirs:>10.0f}{ours / theirs:>8.2f}x"
               f"{engine.stats.compiles:>10}{engine.stats.padding_share:>9.1%}{same:>11.0%}", flush=True)
-  print(f"\nspeedup vs transformers: {min(ratios):.2f}x" if ratios else "\nspeedup vs transformers: n/a (no batch >= 8 run)")
+  smallest = f"{min(ratios):.2f}x" if ratios else "n/a (no batch >= 8 run)"
+  print(f"\nspeedup vs transformers: {smallest}")
 
 
 if __name__ == "__main__":

@@ -164,9 +164,12 @@ def decode(cfg, layout, params, cache, token_b, position_b, row_ids_b, max_new_b
   b = token_b.shape[0]
   base = jax.random.key(seed)
   row_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(row_ids_b)
-  with cpu_kernels.small_matmuls():  # the greedy head's tables: built once, outside the loop
-    head_nk = build.head_weight(cfg, params).T  # [vocab, dim]: the tied embedding itself, no copy
-    head_tables = cpu_kernels.greedy_head_tables(head_nk) if greedy and cpu_kernels.wants_greedy_head(head_nk) else None
+  head_tables = None
+  if greedy:
+    with cpu_kernels.small_matmuls():  # the greedy head's tables: built once, outside the loop
+      head_nk = build.head_weight(cfg, params).T  # [vocab, dim]: the tied embedding itself, no copy
+      if cpu_kernels.wants_greedy_head(head_nk):
+        head_tables = cpu_kernels.greedy_head_tables(head_nk)
 
   def next_tokens(token, position, cache, step):
     if head_tables is None:
