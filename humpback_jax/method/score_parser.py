@@ -8,7 +8,13 @@ Rules, in order:
    "out of 5". The LAST statement with a punctuation separator (`:`, `=`, `-`) decides; only
    without one, the last with a word separator or none ("is", "of": "a score of 5 needs ...").
 2. Only when there is none: the last of a final line holding only a number ("4", "4/5", "**4**"),
-   "N out of 5" / "N/5" anywhere, or "rate ... N" / "give it a N".
+   "N out of 5" / "N/5" anywhere, "rate ... N" / "give it a N", or "it is / deserves a N." ending
+   a sentence.
+A mention is not a verdict, and is passed over by both rules, when the words around it make it a
+hypothetical ("a score of 5 would require ...", "to earn a 5", "rate it a 5 if ..."), a comparison
+or negation ("falls short of a score of 5", "better than a 3", "not a 5") or a rubric quote ("a
+score of 4 means ...", a number inside quotes that the sentence goes on past). So the final verdict
+wins over every passing mention, whichever comes last.
 The deciding statement must be an integer 1..5 with no denominator or denominator 5; anything
 else (0, 6, 10, 4.5, 8/10, "4-5", "4 or 5") gives None: we never round or rescale, because a
 judge that left the scale did not answer the question asked. No score at all gives None.
@@ -60,7 +66,27 @@ _OUT_OF_FIVE = re.compile(r"(?<![\w.,/])(?P<value>" + _NUMBER + r")[ \t]*(?:/|\(
 _RATE_PHRASE = re.compile(r"\brated?\b[^\n\d]{0,30}?[\[(]?" + _VALUE + _DENOMINATOR, re.IGNORECASE)
 _GIVE_PHRASE = re.compile(r"\bgive\b[^\n\d]{0,30}?\b(?:a|an)[ \t]+[\[(]?" + _VALUE + _DENOMINATOR,
                           re.IGNORECASE)
+_VERDICT_PHRASE = re.compile(r"\b(?:is|deserves?|merits?|earns?|warrants?|call[ \t]+it)[ \t]+(?:a|an)[ \t]+"
+                             r"(?:(?:solid|clear|strong|fair)[ \t]+)?" + _VALUE + _DENOMINATOR
+                             + r"(?=[ \t]*(?:[.!;)\n]|$))", re.IGNORECASE)
 _MARKUP = re.compile(r"[*_`~]+")
+
+# Words before a mention that make it a comparison, a negation or a condition, not the verdict:
+# "short of a score of 5", "better than a 3", "does not deserve a 5", "to earn a perfect 5".
+_NOT_VERDICT_BEFORE = re.compile(
+    r"(?:\bshort[ \t]+of|\bthan|\bto[ \t]+(?:get|earn|deserve|reach|achieve|receive|merit|justify|warrant)"
+    r"|\bnot|n't|\bnever|\bbetween|\binstead[ \t]+of|\bunlike|\bif|\bwhether|\bbeyond|\btowards?"
+    r"|\bcloser[ \t]+to|\bcompared[ \t]+(?:to|with)|\bas[ \t]+good[ \t]+as|\bfor[ \t]+(?:a|an)[ \t]+(?:full|perfect|top|higher|maximum))"
+    r"(?:[ \t]+[^\W\d_]+){0,2}?[ \t]+(?:(?:a|an|the)[ \t]+)?"
+    r"(?:(?:full|perfect|top|higher|lower|maximum|max)[ \t]+)?$", re.IGNORECASE)
+# Words after a mention that make it a hypothetical or a rubric definition: "a score of 5 would
+# require ...", "a score of 4 means ...", "rate it a 5 if ...".
+_NOT_VERDICT_AFTER = re.compile(
+    r"^[ \t]*[)\]]?[ \t]*,?[ \t]*(?:would|could|should|might|requires?|required|needs?|needed|demands?"
+    r"|means|meant|indicates|implies|describes|represents|signifies|calls[ \t]+for|applies|if|unless"
+    r"|is[ \t]+(?:for|reserved|meant|given[ \t]+(?:to|for|when)|only|not|too|when|unwarranted)"
+    r"|isn't|are[ \t]+(?:for|reserved|given)|goes[ \t]+to|fits[ \t]+answers|answers?|responses?|level)\b", re.IGNORECASE)
+_QUOTED = re.compile(r"[\"“][^\"“”\n]*[\"”]")
 
 
 def parse_score(text: str) -> int | None:
@@ -79,24 +105,42 @@ def parse_score(text: str) -> int | None:
 
 
 def _last_statement(text: str) -> re.Match | None:
-  """The last strong score statement, else the last weak one, else None."""
+  """The last strong score statement that is a verdict, else the last weak one, else None."""
   last = {True: None, False: None}
   for match in _STATEMENT.finditer(text):
     keyword = (match.group("kw") or "").lower()
     if keyword in LINE_END_ONLY and not _ends_line(text, match.end()):
       continue
-    last[match.group("strong") is not None] = match
+    if _is_verdict(text, match):
+      last[match.group("strong") is not None] = match
   return last[True] or last[False]
 
 
 def _last_fallback(text: str) -> re.Match | None:
-  """The last rule-2 form in the text: a bare final line, "N out of 5" or "rate ... N"."""
+  """The last rule-2 form in the text that is a verdict: a bare final line, "N out of 5",
+  "rate ... N", "give it a N" or "it is a N."."""
   lines = [line for line in text.splitlines() if line.strip()]
   bare = _BARE_LINE.match(lines[-1]) if lines else None
   if bare is not None:
     return bare  # the final line is the last thing the judge wrote
-  phrases = [m for p in (_OUT_OF_FIVE, _RATE_PHRASE, _GIVE_PHRASE) for m in p.finditer(text)]
+  phrases = [m for p in (_OUT_OF_FIVE, _RATE_PHRASE, _GIVE_PHRASE, _VERDICT_PHRASE) for m in p.finditer(text)
+             if _is_verdict(text, m)]
   return max(phrases, key=lambda m: m.start(), default=None)
+
+
+def _is_verdict(text: str, match: re.Match) -> bool:
+  """False when the words around `match` make it a hypothetical, a comparison or a rubric quote."""
+  line_start = text.rfind("\n", 0, match.start()) + 1
+  line_end = len(text) if (end := text.find("\n", match.end())) < 0 else end
+  if _NOT_VERDICT_BEFORE.search(text[line_start:match.start()]):
+    return False
+  if _NOT_VERDICT_AFTER.search(text[match.end():line_end]):
+    return False
+  for quote in _QUOTED.finditer(text, line_start, line_end):
+    # Inside quotes that the sentence goes on past: a phrase cited, not the judge's own line.
+    if quote.start() <= match.start() and match.end() <= quote.end():
+      return not re.search(r"[^\W_]", text[quote.end():line_end])
+  return True
 
 
 def _ends_line(text: str, position: int) -> bool:
