@@ -1,10 +1,10 @@
-"""Seed loading: first turn of each OASST1 tree, English, best-ranked reply, N chosen deterministically."""
+"""Seed loading: first turn of each OASST1 tree, English, the rank-0 reply only, N chosen deterministically."""
 import json
 
 import pytest
 
-from humpback_jax.data.seed import (SeedStats, best_reply, detect_format, load_oasst_messages,
-                                    load_oasst_trees, load_pairs_jsonl, load_seed)
+from humpback_jax.data.seed import (SeedStats, detect_format, load_oasst_messages, load_oasst_trees,
+                                    load_pairs_jsonl, load_seed, rank_0_reply)
 from humpback_jax.errors import DataError
 
 
@@ -13,10 +13,10 @@ def reply(text, rank, **extra):
           "replies": [], **extra}
 
 
-def tree(tree_id, prompt_text, replies, lang="en"):
+def tree(tree_id, prompt_text, replies, lang="en", **extra):
   return {"message_tree_id": tree_id, "tree_state": "ready_for_export",
           "prompt": {"message_id": tree_id, "role": "prompter", "lang": lang, "text": prompt_text,
-                     "replies": replies}}
+                     "replies": replies, **extra}}
 
 
 def write_jsonl(path, records):
@@ -31,7 +31,7 @@ def trees_path(tmp_path):
           reply("second best", 1),
           reply("best", 0, replies=[{"role": "prompter", "text": "follow-up question", "replies": []}]),
       ]),
-      tree("t2", "Qu'est-ce qu'une monade ?", [reply("une réponse", 0)], lang="fr"),
+      tree("t2", "Qu'est-ce qu'une monade ?", [reply("une réponse", 0, lang="fr")], lang="fr"),
       tree("t3", "Name a prime.", [reply("7", 0)]),
       tree("t4", "Empty answer?", [reply("   ", 0)]),
   ])
@@ -40,15 +40,17 @@ def trees_path(tmp_path):
 def messages_from_trees(trees):
   """The same data in OASST1's flat form: children listed before parents, as in real exports."""
   messages = []
+  flags = ("deleted", "review_result")
   for t in trees:
     prompt = t["prompt"]
     for r in prompt["replies"]:
+      rank = float("nan") if r["rank"] is None else float(r["rank"])  # as pandas-made exports store it
       messages.append({"message_id": r["message_id"] + t["message_tree_id"], "parent_id": prompt["message_id"],
-                       "role": "assistant", "lang": "en", "rank": r["rank"], "text": r["text"],
-                       "message_tree_id": t["message_tree_id"]})
+                       "role": "assistant", "lang": r["lang"], "rank": rank, "text": r["text"],
+                       "message_tree_id": t["message_tree_id"], **{f: r[f] for f in flags if f in r}})
     messages.append({"message_id": prompt["message_id"], "parent_id": None, "role": "prompter",
                      "lang": prompt["lang"], "rank": None, "text": prompt["text"],
-                     "message_tree_id": t["message_tree_id"]})
+                     "message_tree_id": t["message_tree_id"], **{f: prompt[f] for f in flags if f in prompt}})
   return messages
 
 
@@ -73,22 +75,63 @@ def test_empty_outputs_are_skipped_and_counted(trees_path):
   assert (stats.candidates, stats.selected) == (2, 2)
 
 
-def test_deleted_and_rejected_replies_are_never_chosen():
-  replies = [reply("deleted", 0, deleted=True), reply("rejected", 1, review_result=False), reply("kept", 2)]
-  assert best_reply(replies)["text"] == "kept"
+def test_only_the_rank_0_reply_is_ever_chosen():
+  assert rank_0_reply([reply("second", 1), reply("best", 0), reply("third", 2)]) == (reply("best", 0), None)
+  assert rank_0_reply([reply("second", 1), reply("third", 2)]) == (None, "no_rank_0_reply")
 
 
-def test_equal_ranks_go_to_the_earliest_reply():
-  assert best_reply([reply("first", 0), reply("second", 0)])["text"] == "first"
+def test_a_lone_unranked_reply_is_not_the_best_reply():
+  assert rank_0_reply([reply("only", None)]) == (None, "no_rank_0_reply")
+  assert rank_0_reply([]) == (None, "no_reply")
 
 
-def test_a_lone_unranked_reply_is_taken_but_several_are_ambiguous():
-  assert best_reply([reply("only", None)])["text"] == "only"
-  assert best_reply([reply("a", None), reply("b", None)]) is None
+def test_a_deleted_rejected_or_foreign_rank_0_reply_is_not_replaced_by_the_next_rank():
+  assert rank_0_reply([reply("gone", 0, deleted=True), reply("next", 1)]) == (None, "reply_deleted")
+  assert rank_0_reply([reply("bad", 0, review_result=False), reply("next", 1)]) == (None, "reply_rejected")
+  assert rank_0_reply([reply("hola", 0, lang="es"), reply("next", 1)]) == (None, "reply_not_en")
+
+
+def test_equal_rank_0_replies_go_to_the_earliest_usable_one():
+  assert rank_0_reply([reply("first", 0), reply("second", 0)])[0]["text"] == "first"
+  assert rank_0_reply([reply("first", 0, deleted=True), reply("second", 0)])[0]["text"] == "second"
 
 
 def test_float_ranks_from_flat_exports_are_ranks_and_nan_is_missing():
-  assert best_reply([reply("nan", float("nan")), reply("one", 1.0), reply("zero", 0.0)])["text"] == "zero"
+  assert rank_0_reply([reply("nan", float("nan")), reply("one", 1.0), reply("zero", 0.0)])[0]["text"] == "zero"
+
+
+TREES_WITH_EVERY_SKIP = [
+    tree("ok", "Name a prime.", [reply("7", 0), reply("11", 1)]),
+    tree("ranks12", "Name a colour.", [reply("red", 1), reply("blue", 2)]),
+    tree("unranked", "Name a fruit.", [reply("apple", None)]),
+    tree("noreply", "Anyone there?", []),
+    tree("pdel", "Deleted prompt", [reply("a", 0)], deleted=True),
+    tree("prej", "Rejected prompt", [reply("a", 0)], review_result=False),
+    tree("fr", "Nomme un nombre premier.", [reply("7", 0)], lang="fr"),
+    tree("rdel", "Name a metal.", [reply("iron", 0, deleted=True), reply("tin", 1)]),
+    tree("rrej", "Name a gas.", [reply("argon", 0, review_result=False), reply("neon", 1)]),
+    tree("rlang", "Name a river.", [reply("el Ebro", 0, lang="es"), reply("the Nile", 1)]),
+    tree("ok2", "Name a planet.", [reply("Mars", 0, review_result=True, deleted=False)],
+         review_result=True, deleted=False),
+]
+EVERY_SKIP_COUNTED = {"no_rank_0_reply": 2, "no_reply": 1, "prompt_deleted": 1, "prompt_rejected": 1,
+                      "not_en": 1, "reply_deleted": 1, "reply_rejected": 1, "reply_not_en": 1}
+
+
+def test_trees_skip_every_unusable_first_turn_and_count_each_reason(tmp_path):
+  examples, counts = load_seed(write_jsonl(tmp_path / "t.trees.jsonl", TREES_WITH_EVERY_SKIP), n=None)
+  assert [(e["id"], e["output"]) for e in examples] == [("seed-ok", "7"), ("seed-ok2", "Mars")]
+  assert counts["skipped"] == EVERY_SKIP_COUNTED
+  assert (counts["candidates"], counts["selected"]) == (2, 2)
+
+
+def test_both_oasst_forms_give_the_same_examples_and_counts(tmp_path):
+  trees_counts = load_seed(write_jsonl(tmp_path / "t.trees.jsonl", TREES_WITH_EVERY_SKIP), n=None)
+  messages = messages_from_trees(TREES_WITH_EVERY_SKIP)
+  messages_counts = load_seed(write_jsonl(tmp_path / "m.messages.jsonl", messages), n=None)
+  assert messages_counts[1]["format"] == "oasst_messages"
+  assert trees_counts[0] == messages_counts[0]
+  assert messages_counts[1]["skipped"] == EVERY_SKIP_COUNTED
 
 
 def test_messages_form_gives_the_same_examples_as_trees(tmp_path, trees_path):

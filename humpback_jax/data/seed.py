@@ -1,11 +1,14 @@
 """Seed data: (instruction, output) pairs from OASST1 trees, OASST1 flat messages, or plain pairs.
 
-Rules the paper leaves open, fixed here:
-- Output: among the replies to the first prompt that are not deleted (`deleted` true) and not
-  rejected by review (`review_result` false), the one with the lowest `rank`; equal ranks go to
-  the earliest in file order. With no ranked reply, a lone eligible reply is taken (nothing to
-  rank it against); several unranked replies are skipped as "unranked".
-- Language: the prompt's `lang` must equal `lang`.
+The paper's rule (METHOD.md): the first turn of each tree, English, the rank-0 (best) reply.
+- Prompt: the tree's root prompter message; skipped when deleted (`deleted` true), rejected by
+  review (`review_result` false) or not in `lang`.
+- Output: the reply ranked 0, and only that one. A tree whose replies are ranked 1 and 2, or that
+  has one unranked reply, yields nothing: no reply was judged best. When the rank-0 reply is
+  deleted, rejected by review or not in `lang` the tree yields nothing either (the next-ranked
+  reply is not the best). Two rank-0 replies (the paper leaves ties open) go to the earliest in
+  file order. A reply without a `lang` field is taken to share the prompt's.
+- Every skipped tree is counted under one reason (`SKIP_REASONS`), reported in the manifest.
 - Choosing N: each candidate gets the key blake2b(f"{seed}:{id}"); the N smallest keys are kept,
   returned in file order. A candidate's fate depends only on its own id, so the set chosen for N
   contains the set chosen for any smaller N, and adding records elsewhere changes no key.
@@ -22,6 +25,9 @@ from humpback_jax.data.jsonl import ReadStats, read_jsonl
 from humpback_jax.errors import DataError
 
 FORMATS = ("auto", "oasst_trees", "oasst_messages", "pairs")
+# Why a tree gave no example, checked in this order ("not_<lang>" stands for the prompt's language).
+SKIP_REASONS = ("prompt_deleted", "prompt_rejected", "not_<lang>", "no_reply", "no_rank_0_reply",
+                "reply_deleted", "reply_rejected", "reply_not_<lang>", "empty_instruction", "empty_output")
 PAPER_SEED_SIZE = 3200
 
 
@@ -133,36 +139,52 @@ def load_pairs_jsonl(path, n: int | None = None, *, seed: int = 0, on_error: str
 
 def _first_turn(example_id: str, prompt: dict, replies: Sequence[dict], lang: str,
                 stats: SeedStats) -> dict | None:
-  """The (prompt, best reply) example, or None with the reason counted in `stats.skipped`."""
-  if prompt.get("lang") != lang:
-    stats.skipped["not_" + lang] += 1
-    return None
-  reply = best_reply(replies)
-  if reply is None:
-    stats.skipped["unranked" if _eligible(replies) else "no_reply"] += 1
+  """The (prompt, rank-0 reply) example, or None with the reason counted in `stats.skipped`."""
+  reason = _prompt_problem(prompt, lang)
+  reply = None
+  if reason is None:
+    reply, reason = rank_0_reply(replies, lang)
+  if reason is not None:
+    stats.skipped[reason] += 1
     return None
   return _example(example_id, prompt["text"], reply.get("text"), stats)
 
 
-def best_reply(replies: Iterable[dict]) -> dict | None:
-  """The eligible assistant reply with the lowest rank (earliest wins ties), or the lone eligible
-  reply when none is ranked; None otherwise."""
-  eligible = _eligible(replies)
-  ranked = [r for r in eligible if _is_rank(r.get("rank"))]
-  if ranked:
-    return min(ranked, key=lambda r: r["rank"])  # min keeps the first of equal keys
-  return eligible[0] if len(eligible) == 1 else None
+def _prompt_problem(prompt: dict, lang: str) -> str | None:
+  if prompt.get("deleted"):
+    return "prompt_deleted"
+  if prompt.get("review_result") is False:
+    return "prompt_rejected"
+  if prompt.get("lang") != lang:
+    return "not_" + lang
+  return None
+
+
+def rank_0_reply(replies: Iterable[dict], lang: str = "en") -> tuple[dict | None, str | None]:
+  """(the rank-0 assistant reply, None), or (None, why not): "no_reply", "no_rank_0_reply", or the
+  rank-0 reply's own fault ("reply_deleted", "reply_rejected", "reply_not_<lang>")."""
+  answers = [r for r in replies if r.get("role", "assistant") == "assistant"]
+  if not answers:
+    return None, "no_reply"
+  best = [r for r in answers if _is_rank(r.get("rank")) and r["rank"] == 0]
+  if not best:
+    return None, "no_rank_0_reply"
+  reason = None
+  for reply in best:  # file order: the earliest usable rank-0 reply wins a tie
+    if reply.get("deleted"):
+      reason = reason or "reply_deleted"
+    elif reply.get("review_result") is False:
+      reason = reason or "reply_rejected"
+    elif reply.get("lang", lang) != lang:
+      reason = reason or "reply_not_" + lang
+    else:
+      return reply, None
+  return None, reason
 
 
 def _is_rank(rank) -> bool:
   """A number that is not NaN (flat exports store ranks as floats, missing ones as NaN)."""
   return isinstance(rank, (int, float)) and not isinstance(rank, bool) and rank == rank
-
-
-def _eligible(replies: Iterable[dict]) -> list[dict]:
-  return [r for r in replies
-          if r.get("role", "assistant") == "assistant" and not r.get("deleted")
-          and r.get("review_result") is not False]
 
 
 def _example(example_id: str, instruction, output, stats: SeedStats) -> dict | None:
