@@ -1,8 +1,21 @@
 """Which candidates self-curation keeps: scores >= k, optionally capped at the best-scored fraction."""
+from pathlib import Path
+
+import ml_collections
+import numpy as np
 import pytest
 
+from humpback_jax.data import sft
 from humpback_jax.errors import ConfigError
-from humpback_jax.method import curate
+from humpback_jax.method import curate, prompts
+from humpback_jax.tokenizer import CHATML, LLAMA2_INST, load_tokenizer
+
+TOY_TOKENIZER = Path(__file__).resolve().parents[1] / "humpback_jax" / "assets" / "toy" / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer():
+  return load_tokenizer(TOY_TOKENIZER)
 
 SCORED = [dict(id="a", score=5, expected_score=2.50), dict(id="b", score=4, expected_score=2.41),
           dict(id="c", score=4, expected_score=2.47), dict(id="d", score=None, expected_score=None),
@@ -31,3 +44,21 @@ def test_a_top_fraction_never_lowers_k():
 def test_a_top_fraction_outside_zero_to_one_is_a_config_error():
   with pytest.raises(ConfigError, match=r"pipeline.keep_top_fraction: must be in \(0, 1\], got 0"):
     curate.threshold(SCORED, 1, "generate", keep_top_fraction=0)
+
+
+@pytest.mark.parametrize("template", [LLAMA2_INST, CHATML])
+def test_expected_mode_asks_for_the_score_in_the_tokens_training_produces(toy_tokenizer, template):
+  """The prompt plus each candidate is the start of what training makes of (judge turn, "Score: d"),
+  and the candidates are where those training encodings of "Score: 1".."Score: 5" first differ."""
+  cfg = ml_collections.ConfigDict(dict(tokenizer=dict(chat_template=template)))
+  turn = curate.judge_turn(cfg, "Name a prime.", "7 is a prime.")
+  prompt_ids, candidates = curate.score_prompt_and_candidates(toy_tokenizer, turn)
+  trained = []
+  for d in curate.SCORES:
+    tokens, loss_mask = sft.tokenize_example(toy_tokenizer, prompts.curation_prompt("Name a prime.", "7 is a prime."),
+                                             f"Score: {d}", template=template)
+    trained.append(tokens.tolist())
+    assert trained[-1][:len(prompt_ids) + 1] == prompt_ids + [candidates[int(d) - 1]]
+    assert int(np.argmax(loss_mask)) == len(toy_tokenizer.encode_prompt(turn))  # where training's output starts
+  shared = next(i for i in range(len(trained[0])) if len({t[i] for t in trained}) > 1)
+  assert shared == len(prompt_ids) and candidates == [t[shared] for t in trained]

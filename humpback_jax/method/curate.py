@@ -4,7 +4,8 @@ Two modes, both storing a per-candidate score so any threshold can be applied la
 - `generate` (paper-faithful): the judge writes its reasoning and "Score: N", parsed robustly;
   an unparsable answer gets no score, is counted and is kept out.
 - `expected`: one forward pass; the judge's next-token probabilities of "1".."5" after the
-  prompt and "Score:" give an expected score (and its argmax). No sampling, no parsing.
+  prompt and "Score:" give an expected score (and its argmax). No sampling, no parsing. Prompt and
+  "Score:" are tokenized apart, as training tokenizes a prompt and its output.
 """
 from __future__ import annotations
 
@@ -41,19 +42,21 @@ def score_candidates_by_generation(engine, tokenizer, cfg, rows: list[dict], ind
 
 
 def score_prompt_and_candidates(tokenizer, prompt_text: str) -> tuple[list[int], list[int]]:
-  """Token ids of `prompt_text` + "Score:" and the ids of the five score tokens that follow it.
+  """Token ids of the judge's turn followed by "Score:", and the ids of the five score tokens next.
 
-  Tokenizer-agnostic: encode "...Score: d" for each digit, keep the longest shared prefix as
-  the prompt; the token after it must differ per digit.
+  Encoded as training encodes a pair (data/sft.py): the templated prompt on its own (BOS in front
+  when the model uses one), the answer "Score: d" on its own, so the judge is asked in exactly the
+  tokens it was trained on. The answer's tokens shared by every digit join the prompt; the token
+  after them must differ per digit. Tokenizer-agnostic (sentencepiece, byte-level BPE).
   """
-  full = [tokenizer.encode_prompt(f"{prompt_text}Score: {d}") for d in SCORES]
+  answers = [tokenizer.encode(f"Score: {d}") for d in SCORES]
   n = 0
-  while all(len(f) > n for f in full) and len({f[n] for f in full}) == 1:
+  while all(len(a) > n for a in answers) and len({a[n] for a in answers}) == 1:
     n += 1
-  candidates = [f[n] if len(f) > n else -1 for f in full]
+  candidates = [a[n] if len(a) > n else -1 for a in answers]
   if len(set(candidates)) != len(SCORES) or -1 in candidates:
     raise ValueError("the tokenizer does not give the digits 1-5 distinct tokens after 'Score:'")
-  return full[0][:n], candidates
+  return tokenizer.encode_prompt(prompt_text) + answers[0][:n], candidates
 
 
 def score_candidates_by_expectation(engine, tokenizer, cfg, rows: list[dict]) -> list[dict]:
