@@ -163,7 +163,11 @@ def corpus_config(**overrides) -> ml_collections.ConfigDict:
   """Corpus filters: METHOD.md's later report (600-3,000 chars, headers, repeated sentences)."""
   cfg = ml_collections.ConfigDict(dict(
       min_chars=600, max_chars=3000, header_capital_share=0.5, max_repeated_sentence_share=0.0,
-      near_dup_threshold=0.8, num_perm=128, bands=16))
+      near_dup_threshold=0.8, num_perm=128, bands=16,
+      text_mode="paragraphs",     # plain text: paragraphs packed into 600-3,000-char windows, or "document"
+      engine="local",             # or "beam": the same steps as an Apache Beam pipeline (`.[beam]` extra)
+      # Beam PipelineOptions; the default runs Beam's DirectRunner on this machine's processes.
+      beam_options=dict(runner="DirectRunner", direct_num_workers=2, direct_running_mode="multi_processing")))
   cfg.update(overrides)
   return cfg
 

@@ -2,6 +2,7 @@
 import glob
 import html as html_lib
 import itertools
+import json
 import shutil
 import time
 from pathlib import Path
@@ -10,8 +11,8 @@ import bs4
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from humpback_jax.data import corpus
-from humpback_jax.data.corpus import Segment
+from humpback_jax.data import corpus, dedup, documents, filters, segment as seg
+from humpback_jax.data.segment import Segment
 from humpback_jax.errors import ConfigError, DataError
 
 DOC = """<!DOCTYPE html><html><head><title>Garden</title><style>p {color: red}</style></head><body>
@@ -39,26 +40,26 @@ def segments_by_header(segments):
 
 
 def test_each_header_opens_a_segment_in_document_order():
-  segments = corpus.segments_from_html(DOC, "garden.html")
+  segments = seg.segments_from_html(DOC, "garden.html")
   assert [(s.id, s.header, s.level) for s in segments] == [
       ("garden.html#0", "Growing tomatoes", 1), ("garden.html#1", "Soil", 2),
       ("garden.html#2", "Compost", 3), ("garden.html#3", "Watering", 2)]
 
 
 def test_a_segment_holds_its_sub_headers_and_their_text_as_paragraphs():
-  soil = segments_by_header(corpus.segments_from_html(DOC, "garden.html"))["Soil"]
+  soil = segments_by_header(seg.segments_from_html(DOC, "garden.html"))["Soil"]
   assert soil.text == "Use rich, well-drained soil.\n\nCompost\n\nAdd compost in spring."
 
 
 def test_a_segment_ends_at_the_next_header_of_the_same_or_higher_level():
-  by_header = segments_by_header(corpus.segments_from_html(DOC, "garden.html"))
+  by_header = segments_by_header(seg.segments_from_html(DOC, "garden.html"))
   assert by_header["Compost"].text == "Add compost in spring."
   assert by_header["Growing tomatoes"].text.startswith("Tomatoes need sun.\n\nSoil\n\n")
   assert by_header["Growing tomatoes"].text.endswith("water()")
 
 
 def test_nested_segments_point_to_the_segment_that_encloses_them():
-  by_header = segments_by_header(corpus.segments_from_html(DOC, "garden.html"))
+  by_header = segments_by_header(seg.segments_from_html(DOC, "garden.html"))
   assert by_header["Growing tomatoes"].parent_id is None
   assert by_header["Soil"].parent_id == "garden.html#0"
   assert by_header["Compost"].parent_id == "garden.html#1"
@@ -66,36 +67,36 @@ def test_nested_segments_point_to_the_segment_that_encloses_them():
 
 
 def test_navigation_footer_scripts_comments_and_permalinks_are_removed():
-  segments = corpus.segments_from_html(DOC, "garden.html")
+  segments = seg.segments_from_html(DOC, "garden.html")
   everything = " ".join(f"{s.header} {s.text}" for s in segments)
   for gone in ("Menu", "Shop", "tracking", "hidden comment", "555-0100", "Previous topic", "Peppers", "¶"):
     assert gone not in everything
 
 
 def test_line_breaks_split_paragraphs_and_pre_keeps_code_indentation():
-  watering = segments_by_header(corpus.segments_from_html(DOC, "garden.html"))["Watering"]
+  watering = segments_by_header(seg.segments_from_html(DOC, "garden.html"))["Watering"]
   assert watering.text == "Water deeply.\n\nTwice a week.\n\nfor day in week:\n    water()"
 
 
 def test_a_segment_ends_with_its_section_even_without_a_next_header():
   doc = ("<body><section><h1>Guide</h1><p>Body text.</p></section>"
          "<div class='sidebar'><p>Sidebar links</p></div></body>")
-  assert [s.text for s in corpus.segments_from_html(doc, "d")] == ["Body text."]
+  assert [s.text for s in seg.segments_from_html(doc, "d")] == ["Body text."]
 
 
 def test_an_empty_sub_header_adds_no_blank_paragraph():
-  [outer, inner] = corpus.segments_from_html("<h2>Outer</h2><p>One.</p><h3></h3><p>Two.</p>", "d")
+  [outer, inner] = seg.segments_from_html("<h2>Outer</h2><p>One.</p><h3></h3><p>Two.</p>", "d")
   assert (outer.text, inner.header) == ("One.\n\nTwo.", "")
 
 
 def test_text_before_the_first_header_is_in_no_segment():
-  segments = corpus.segments_from_html("<p>Preamble.</p><h2>Title</h2><p>Body.</p>", "d")
+  segments = seg.segments_from_html("<p>Preamble.</p><h2>Title</h2><p>Body.</p>", "d")
   assert [(s.header, s.text) for s in segments] == [("Title", "Body.")]
 
 
 def test_html_bytes_are_decoded_by_their_declared_charset():
   doc = '<html><head><meta charset="iso-8859-1"></head><body><h1>Caf\xe9</h1><p>cr\xe8me</p></body></html>'
-  [segment] = corpus.segments_from_html(doc.encode("iso-8859-1"), "d")
+  [segment] = seg.segments_from_html(doc.encode("iso-8859-1"), "d")
   assert (segment.header, segment.text) == ("Café", "crème")
 
 
@@ -123,7 +124,7 @@ def render(blocks):
 def test_segment_text_is_made_of_the_documents_own_text(blocks):
   html = render(blocks)
   document_text = " ".join(bs4.BeautifulSoup(html, "lxml").get_text().split())
-  for segment in corpus.segments_from_html(html, "doc"):
+  for segment in seg.segments_from_html(html, "doc"):
     assert segment.header in document_text
     paragraphs = segment.text.split("\n\n") if segment.text else []  # a header may have no body
     for paragraph in paragraphs:
@@ -131,22 +132,43 @@ def test_segment_text_is_made_of_the_documents_own_text(blocks):
 
 
 def test_plain_text_paragraphs_keep_their_line_breaks_and_have_no_header():
-  segments = corpus.segments_from_text("First  line\nsecond line\n\n\n- item\n- item two\n", "notes.txt")
+  segments = seg.segments_from_text("First  line\nsecond line\n\n\n- item\n- item two\n", "notes.txt", min_chars=1)
   assert [(s.id, s.header, s.text) for s in segments] == [
       ("notes.txt#0", None, "First line\nsecond line"), ("notes.txt#1", None, "- item\n- item two")]
 
 
-def test_plain_text_chunks_pack_whole_paragraphs_up_to_max_chars():
-  text = "\n\n".join(["a" * 40, "b" * 40, "c" * 40])
-  assert [len(s.text) for s in corpus.segments_from_text(text, "d", mode="chunks", max_chars=90)] == [82, 40]
-  assert len(corpus.segments_from_text(text, "d", mode="document")) == 1
+def test_paragraph_windows_close_at_min_chars_and_never_pass_max_chars():
+  text = "\n\n".join(["a" * 40, "b" * 40, "c" * 40, "d" * 100, "e" * 10])
+  lengths = [len(s.text) for s in seg.segments_from_text(text, "d", min_chars=80, max_chars=120)]
+  assert lengths == [82, 40, 112]  # c could not join d (142 > 120); the short tail e joined d
+  assert len(seg.segments_from_text(text, "d", mode="document")) == 1
+
+
+def wiki_document(paragraphs=8, chars=375, first=0):
+  """Paragraphs of `chars` characters sharing no sentence or 5-word shingle."""
+  return "\n\n".join(words(100, seed=i)[:chars - 1] + "." for i in range(first, first + paragraphs))
+
+
+def test_a_wiki_like_plain_text_document_of_short_paragraphs_is_kept_in_windows():
+  kept, report = corpus.prepare_corpus(seg.segments_from_text(wiki_document(), "wiki.txt"))
+  assert report["kept"] == 4 and all(600 <= len(s.text) <= 3000 for s in kept)
+  assert "\n\n".join(s.text for s in kept) == seg.segments_from_text(wiki_document(), "w", mode="document")[0].text
+
+
+@pytest.mark.parametrize("mode, kept", [("paragraphs", 3), ("document", 1)])
+def test_the_text_mode_config_field_cuts_jsonl_and_text_files(tmp_path, mode, kept):
+  (tmp_path / "wiki.txt").write_text(wiki_document(7))  # 2,637 characters: one document fits
+  (tmp_path / "wiki.jsonl").write_text(json.dumps({"text": wiki_document(7, first=8)}) + "\n")
+  segments, report = corpus.prepare_local(corpus.CorpusSource(path=str(tmp_path)), {"text_mode": mode})
+  assert sorted(s.doc_id for s in segments) == sorted(["wiki.txt", "wiki.jsonl:1"] * kept)
+  assert report["documents"] == 2
 
 
 def test_jsonl_documents_take_ids_from_the_id_field(tmp_path):
   path = tmp_path / "docs.jsonl"
   path.write_text('{"id": "doc-a", "text": "One.\\n\\nTwo."}\n{"id": "doc-b", "text": "Three."}\n')
-  segments = corpus.segments_from_jsonl(path, id_field="id")
-  assert [(s.id, s.text) for s in segments] == [("doc-a#0", "One."), ("doc-a#1", "Two."), ("doc-b#0", "Three.")]
+  docs = list(documents.read_file(tmp_path, "docs.jsonl", documents.TextOptions(id_field="id")))
+  assert [(d.id, d.content) for d in docs] == [("doc-a", "One.\n\nTwo."), ("doc-b", "Three.")]
 
 
 def test_a_folder_is_read_in_sorted_path_order(tmp_path):
@@ -171,14 +193,14 @@ def segment(text="x" * 700, header="How to grow tomatoes", **fields):
 
 
 def test_length_filter_keeps_600_to_3000_characters():
-  assert [corpus.filter_length(segment("x" * n)) for n in (599, 600, 3000, 3001)] == [
+  assert [filters.filter_length(segment("x" * n)) for n in (599, 600, 3000, 3001)] == [
       "length", None, None, "length"]
 
 
 def test_empty_header_filter_drops_blank_html_headers_but_not_plain_text():
-  assert corpus.filter_empty_header(segment(header="  ")) == "empty_header"
-  assert corpus.filter_empty_header(segment(header=None)) is None
-  assert corpus.filter_empty_header(segment()) is None
+  assert filters.filter_empty_header(segment(header="  ")) == "empty_header"
+  assert filters.filter_empty_header(segment(header=None)) is None
+  assert filters.filter_empty_header(segment()) is None
 
 
 @pytest.mark.parametrize("header", [
@@ -187,45 +209,45 @@ def test_empty_header_filter_drops_blank_html_headers_but_not_plain_text():
     "Privacy", "Copyright", "Sponsored content", "Tags", "Categories", "Archive", "Search",
     "Table of Contents", "Previous topic", "Next topic", "This Page", "Quick search"])
 def test_navigation_header_filter_drops_boilerplate_headers(header):
-  assert corpus.filter_navigation_header(segment(header=header)) == "navigation_header"
+  assert filters.filter_navigation_header(segment(header=header)) == "navigation_header"
 
 
 @pytest.mark.parametrize("header", [
     "Binary search trees", "tarfile — Read and write tar archive files", "Comments in Python",
     "How to grow tomatoes", "Navigating the file system"])
 def test_navigation_header_filter_keeps_topics_that_merely_contain_a_navigation_word(header):
-  assert corpus.filter_navigation_header(segment(header=header)) is None
+  assert filters.filter_navigation_header(segment(header=header)) is None
 
 
 def test_all_caps_header_filter():
-  assert corpus.filter_all_caps_header(segment(header="BUY NOW")) == "all_caps_header"
-  assert corpus.filter_all_caps_header(segment(header="Using the API")) is None
-  assert corpus.filter_all_caps_header(segment(header="2023")) is None
+  assert filters.filter_all_caps_header(segment(header="BUY NOW")) == "all_caps_header"
+  assert filters.filter_all_caps_header(segment(header="Using the API")) is None
+  assert filters.filter_all_caps_header(segment(header="2023")) is None
 
 
 def test_header_capital_share_filter_uses_the_threshold():
   header = segment(header="The HTTP API")  # 8 of 10 cased letters upper
-  assert corpus.filter_header_capital_share(header, max_share=0.5) == "header_capital_share"
-  assert corpus.filter_header_capital_share(header, max_share=0.8) is None
-  assert corpus.filter_header_capital_share(segment(header="How To Grow Tomatoes")) is None
+  assert filters.filter_header_capital_share(header, max_share=0.5) == "header_capital_share"
+  assert filters.filter_header_capital_share(header, max_share=0.8) is None
+  assert filters.filter_header_capital_share(segment(header="How To Grow Tomatoes")) is None
 
 
 def test_repeated_sentences_filter_drops_a_repeated_sentence():
   sentence = "Click here to read the full article today."
-  assert corpus.filter_repeated_sentences(segment(f"{sentence} Other words here, fine. {sentence}")) == (
+  assert filters.filter_repeated_sentences(segment(f"{sentence} Other words here, fine. {sentence}")) == (
       "repeated_sentences")
-  assert corpus.filter_repeated_sentences(segment("One sentence is here. Another one is there.")) is None
+  assert filters.filter_repeated_sentences(segment("One sentence is here. Another one is there.")) is None
 
 
 def test_repeated_sentences_filter_allows_short_phrases_and_code_lines_to_repeat():
   text = "For example:\n>>> parser.print_help()\nSome text that explains it.\nFor example:\n>>> parser.print_help()"
-  assert corpus.filter_repeated_sentences(segment(text)) is None
+  assert filters.filter_repeated_sentences(segment(text)) is None
 
 
 def test_repeated_sentences_filter_share_threshold():
   text = " ".join(["A sentence that repeats itself."] * 2 + [f"Distinct sentence number {i}." for i in range(8)])
-  assert corpus.filter_repeated_sentences(segment(text), max_share=0.05) == "repeated_sentences"
-  assert corpus.filter_repeated_sentences(segment(text), max_share=0.2) is None
+  assert filters.filter_repeated_sentences(segment(text), max_share=0.05) == "repeated_sentences"
+  assert filters.filter_repeated_sentences(segment(text), max_share=0.2) is None
 
 
 # Dedup.
@@ -239,42 +261,54 @@ def text_segments(texts):
   return [segment(text, id=f"d#{i}") for i, text in enumerate(texts)]
 
 
-def test_exact_dedup_ignores_case_and_spacing_and_keeps_the_first():
+def test_exact_dedup_ignores_case_and_spacing_and_keeps_the_smallest_id():
   segments = text_segments(["Hello  World.", "hello world.", "Other."])
-  assert [s.id for s in corpus.dedup_exact(segments)] == ["d#0", "d#2"]
+  assert [s.id for s in dedup.dedup_exact(segments)] == ["d#0", "d#2"]
+  assert [s.id for s in dedup.dedup_exact(segments[::-1])] == ["d#2", "d#0"]
+
+
+@settings(max_examples=50)
+@given(st.permutations(range(6)))
+def test_near_dedup_keeps_the_same_ids_in_any_input_order(order):
+  base = words(200)
+  texts = [base, base.replace("w0 ", "a ", 1), base.replace("w7 ", "b ", 1), words(200, seed=3),
+           words(200, seed=3).replace("w0 ", "c ", 1), words(200, seed=4)]
+  segments = text_segments(texts)
+  kept = {s.id for s in dedup.dedup_near([segments[i] for i in order])}
+  assert kept == {"d#0", "d#3", "d#5"}  # the smallest id of each near-duplicate group
 
 
 def test_near_dedup_drops_a_copy_with_one_word_changed():
   base = words(200)
   edited = base.replace("w0 ", "changed ", 1)
-  assert [s.id for s in corpus.dedup_near(text_segments([base, edited, words(200, seed=3)]))] == ["d#0", "d#2"]
+  assert [s.id for s in dedup.dedup_near(text_segments([base, edited, words(200, seed=3)]))] == ["d#0", "d#2"]
 
 
 def test_near_dedup_keeps_texts_below_the_threshold():
   base = words(200).split()
   half_changed = " ".join(w if i % 2 else f"x{i}" for i, w in enumerate(base))
-  assert len(corpus.dedup_near(text_segments([" ".join(base), half_changed]))) == 2
+  assert len(dedup.dedup_near(text_segments([" ".join(base), half_changed]))) == 2
 
 
 def test_shingle_jaccard_matches_a_set_computation():
   a, b = words(60).split(), (words(40) + " " + words(30, seed=5)).split()
   shingles = lambda ws: {tuple(ws[i:i + 5]) for i in range(len(ws) - 4)}
   expected = len(shingles(a) & shingles(b)) / len(shingles(a) | shingles(b))
-  got = corpus.jaccard(corpus.shingle_hashes(" ".join(a)), corpus.shingle_hashes(" ".join(b)))
+  got = dedup.jaccard(dedup.shingle_hashes(" ".join(a)), dedup.shingle_hashes(" ".join(b)))
   assert got == pytest.approx(expected)
-  assert corpus.shingle_hashes(" ".join(a)).size == len(shingles(a))
+  assert dedup.shingle_hashes(" ".join(a)).size == len(shingles(a))
 
 
-def dedup(segments):
-  return corpus.dedup_near(corpus.dedup_exact(segments), threshold=0.5)
+def dedup_both(segments):
+  return dedup.dedup_near(dedup.dedup_exact(segments), threshold=0.5)
 
 
 @settings(max_examples=200)
 @given(st.lists(st.lists(st.sampled_from("ab cd ef gh ij".split()), max_size=14).map(" ".join), max_size=12))
 def test_dedup_is_idempotent_and_keeps_an_ordered_subset(texts):
   segments = text_segments(texts)
-  once = dedup(segments)
-  assert dedup(once) == once
+  once = dedup_both(segments)
+  assert dedup_both(once) == once
   assert once == [s for s in segments if s in once]  # input order, no copies
 
 
@@ -289,16 +323,33 @@ def section(level, title, n_words, seed):
 
 def test_an_enclosing_segment_that_passes_wins_over_its_sub_sections():
   doc = section(2, "Planting", 40, 0) + section(3, "Spacing", 150, 1) + section(3, "Depth", 150, 2)
-  kept, report = corpus.prepare_corpus(corpus.segments_from_html(doc, "d"), {"max_chars": 3000})
+  kept, report = corpus.prepare_corpus(seg.segments_from_html(doc, "d"), {"max_chars": 3000})
   assert [s.header for s in kept] == ["Planting"]
   assert report["nested"] == 2
 
 
 def test_sub_sections_are_kept_when_the_enclosing_segment_is_dropped():
   doc = section(2, "Planting", 40, 0) + section(3, "Spacing", 150, 1) + section(3, "Depth", 150, 2)
-  kept, report = corpus.prepare_corpus(corpus.segments_from_html(doc, "d"), {"max_chars": 1000})
+  kept, report = corpus.prepare_corpus(seg.segments_from_html(doc, "d"), {"max_chars": 1000})
   assert [s.header for s in kept] == ["Spacing", "Depth"]
   assert report["dropped"]["length"] == 1 and report["nested"] == 0
+
+
+def test_a_sub_section_that_fails_the_header_filters_is_left_out_of_its_kept_parent():
+  doc = (section(2, "Planting", 100, 0) + section(3, "Related posts", 40, 1) + section(3, "Depth", 40, 2)
+         + section(3, "LEAVE A COMMENT", 40, 3))
+  kept, report = corpus.prepare_corpus(corpus.cut_document(documents.Document("d", "html", doc)))
+  [planting] = kept
+  assert planting.header == "Planting" and "Depth" in planting.text and words(40, 2) in planting.text
+  for gone in ("Related posts", words(40, 1), "LEAVE A COMMENT", words(40, 3)):
+    assert gone not in planting.text
+  assert report["dropped"]["navigation_header"] == 2  # the sub-sections themselves, counted once each
+
+
+def test_a_sub_section_inside_a_failing_one_keeps_its_own_text():
+  doc = section(2, "Related posts", 10, 0) + section(3, "Pruning", 130, 1)
+  [related, pruning] = corpus.cut_document(documents.Document("d", "html", doc))
+  assert pruning.text == words(130, 1) + "." and related.parent_id is None and pruning.parent_id == "d#0"
 
 
 def test_report_counts_every_segment_once_under_the_first_filter_that_drops_it():
@@ -376,4 +427,4 @@ def test_real_python_docs_prepare_into_clean_segments(python_docs_subset):
 
 @pytest.mark.parametrize("header", SPHINX_NAVIGATION)
 def test_sphinx_sidebar_headers_are_navigation_headers(header):
-  assert corpus.filter_navigation_header(segment(header=header)) == "navigation_header"
+  assert filters.filter_navigation_header(segment(header=header)) == "navigation_header"

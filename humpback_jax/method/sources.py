@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jax
 
-from humpback_jax.data import corpus, jsonl, seed, tfds_datasets
+from humpback_jax.data import corpus, seed, tfds_datasets
 from humpback_jax.errors import DataError
 
 
@@ -19,25 +19,21 @@ def seed_pairs(cfg) -> tuple[list[dict], dict]:
 
 
 def corpus_segments(cfg) -> tuple[list[dict], dict]:
-  """Segments of the unlabeled corpus after filters and dedup, and the per-filter report."""
+  """Segments of the unlabeled corpus after filters and dedup (local engine), and the report."""
   d = cfg.data
-  if d.corpus_tfds_name:
-    texts = tfds_datasets.read_text_dataset(d.corpus_tfds_name, text_field=d.corpus_text_field,
-                                            split=d.corpus_split, data_dir=d.corpus_path or None)
-    raw = [seg for i, text in enumerate(texts) for seg in corpus.segments_from_text(text, f"{d.corpus_tfds_name}-{i}")]
-  else:
-    raw = corpus.segments_from_folder(Path(d.corpus_path))
-  if not raw:
+  source = corpus.source_from_config(d)
+  kept, report = corpus.prepare_local(source, cfg.corpus)
+  if not report["input"]:
     field = "data.corpus_tfds_name" if d.corpus_tfds_name else "data.corpus_path"
     raise DataError(f"{d.corpus_path or d.corpus_tfds_name}: the corpus is empty (no segments found; "
-                    f"config field {field})", path=d.corpus_path, field=field)
-  kept, report = corpus.prepare_corpus(raw, cfg.corpus)
-  return [dataclasses.asdict(s) if dataclasses.is_dataclass(s) else dict(s) for s in kept], report
+                    f"config field {field}; skipped files: {report['skipped_files']})",
+                    path=d.corpus_path, field=field)
+  return [dataclasses.asdict(s) for s in kept], report
 
 
 def pretraining_texts(cfg) -> list[str]:
   """Plain text for the toy base model's pretraining: every corpus segment (before filters) and seed answer."""
-  raw = corpus.segments_from_folder(Path(cfg.data.corpus_path))
+  raw = corpus.raw_segments(corpus.source_from_config(cfg.data), cfg.corpus)
   texts = [f"{s.header}\n\n{s.text}" if s.header else s.text for s in raw]
   rows, _ = seed_pairs(cfg)
   return texts + [r["output"] for r in rows]
