@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 
 from humpback_jax.data import corpus, seed, tfds_datasets
-from humpback_jax.errors import DataError
+from humpback_jax.errors import ConfigError, DataError
 
 
 def seed_pairs(cfg) -> tuple[list[dict], dict]:
@@ -22,6 +22,8 @@ def corpus_segments(cfg) -> tuple[list[dict], dict]:
   """Segments of the unlabeled corpus after filters and dedup (local engine), and the report."""
   d = cfg.data
   source = corpus.source_from_config(d)
+  if cfg.corpus.engine != "local":
+    raise ConfigError(f"corpus.engine={cfg.corpus.engine!r}: only 'local' runs in this version")
   kept, report = corpus.prepare_local(source, cfg.corpus)
   if not report["input"]:
     field = "data.corpus_tfds_name" if d.corpus_tfds_name else "data.corpus_path"
