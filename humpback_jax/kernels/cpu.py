@@ -1,4 +1,5 @@
-"""Our XLA:CPU kernels (`decode_kernels.cc`), built on first use and called through XLA's FFI.
+"""Our XLA:CPU kernels (the `*.cc` files here, one per family), built on first use and called
+through XLA's FFI.
 
 A decode step is a few rows times every weight, plus one query per row over the KV cache;
 XLA:CPU's Eigen GEMM and batched dot run those shapes far below the memory bandwidth that bounds
@@ -34,13 +35,15 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-SOURCE = Path(__file__).with_name("decode_kernels.cc")
+# One file per kernel family (kernels/README.md), compiled together into one library.
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cc")))
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
 TARGETS = ("HumpbackPackedMatmul", "HumpbackPackedSwigluMatmul", "HumpbackPackWeightStrips",
            "HumpbackDecodeAttention", "HumpbackDecodeAttentionStep", "HumpbackGemm",
            "HumpbackAttentionForward", "HumpbackAttentionBackward",
            "HumpbackRmsNormForward", "HumpbackRmsNormBackward", "HumpbackArgmax",
            "HumpbackGreedyHeadTables", "HumpbackGreedyHead")
-STRIP = 16  # columns per packed strip of a weight (decode_kernels.cc: kStrip)
+STRIP = 16  # columns per packed strip of a weight (common.h: kStrip)
 MAX_ROWS = 64  # larger decode batches keep XLA's GEMM
 _SMALL_MATMULS = contextvars.ContextVar("humpback_small_matmuls", default=False)
 _SEQUENCE_KERNELS = contextvars.ContextVar("humpback_sequence_kernels", default=False)
@@ -70,17 +73,18 @@ def _cpu_flags() -> frozenset[str]:
 def build(compiler: str) -> Path:
   """Compiles the kernels (once per source, compiler, jaxlib and CPU) and returns the shared library."""
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-  parts = [SOURCE.read_text(), version, jaxlib.__version__, *COMPILE_FLAGS, *sorted(_cpu_flags())]
-  library = _cache_dir() / f"decode_kernels-{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:16]}.so"
+  parts = [*(f.read_text() for f in SOURCES + HEADERS), version, jaxlib.__version__, *COMPILE_FLAGS,
+           *sorted(_cpu_flags())]
+  library = _cache_dir() / f"humpback_kernels-{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:16]}.so"
   if library.exists():
     return library
   library.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
     partial = Path(tmp) / library.name
-    command = [compiler, *COMPILE_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)]
+    command = [compiler, *COMPILE_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(partial)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-      raise RuntimeError(f"compiling {SOURCE} failed ({' '.join(command)}):\n{done.stderr[-4000:]}")
+      raise RuntimeError(f"compiling the kernels failed ({' '.join(command)}):\n{done.stderr[-4000:]}")
     os.replace(partial, library)  # atomic: concurrent processes never load half a file
   return library
 

@@ -83,7 +83,7 @@ def _grouped_attention(q, k, v, mask):
 
 
 def _single_query_attention(q, k, v, mask):
-  """One query per row (decoding): our CPU kernel (kernels/decode_kernels.cc) when it applies.
+  """One query per row (decoding): our CPU kernel (kernels/attention.cc) when it applies.
 
   It reads only the visible slots, each row's cache front to back (~15x XLA's batched dot at
   batch 32). The XLA form below does the value side as a multiply-and-reduce over the cache as
