@@ -113,12 +113,12 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       weight_decay=0.1,                              # paper
       b1=0.9, b2=0.95, eps=1e-8,                     # open: AdamW betas
       grad_clip=1.0,                                 # open
-      batch_size=32, small_data_batch_size=8, small_data_threshold=3000,  # paper
+      batch_size=32, small_data_batch_size=8, small_data_threshold=3000,  # paper: examples per step
       steps=0,                                       # 0: the paper's steps-by-data-size table
       micro_batches=1,                               # gradient accumulation
       seq_len=2048,                                  # open
       dropout_rate=0.1,                              # paper; applied on residual branches
-      batching="packing",                            # or "bucketing"
+      batching="packing",                            # or "bucketing"; either way a step has batch_size examples
       truncation="truncate",                         # or "drop": over-long examples
       compute_dtype="float32", param_dtype="float32",
       seed=0,

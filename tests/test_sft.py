@@ -118,7 +118,7 @@ def test_an_unknown_over_long_policy_is_rejected():
 def test_packing_numbers_segments_and_restarts_positions():
   a = (np.array([1, 5, 6], np.int32), np.array([False, True, True]))
   b = (np.array([1, 7], np.int32), np.array([False, True]))
-  (batch,) = sft.pack([a, b], seq_len=6, batch_size=1)
+  (batch,) = sft.pack([a, b], seq_len=6, batch_size=2)
   assert batch["tokens"].tolist() == [[1, 5, 6, 1, 7, 0]]
   assert batch["segment_ids"].tolist() == [[1, 1, 1, 2, 2, 0]]
   assert batch["positions"].tolist() == [[0, 1, 2, 0, 1, 0]]
@@ -132,9 +132,18 @@ def test_packing_numbers_segments_and_restarts_positions():
 def test_packing_places_every_example_once_and_never_splits_one():
   examples = mixed_examples()
   batches = list(sft.pack(examples, seq_len=48, batch_size=4))
-  assert all(b["tokens"].shape == (4, 48) for b in batches)
+  assert all(b["tokens"].shape[1] == 48 for b in batches)
   found = [e for b in batches for e in examples_in(b)]
   assert sorted(found) == [(i, len(t)) for i, (t, _) in enumerate(examples)]
+
+
+def test_packing_gives_each_step_its_examples_in_as_many_rows_as_they_need():
+  examples = [example(0, 30), example(1, 30), example(2, 10), example(3, 5)]
+  batches = list(sft.pack(examples, seq_len=48, batch_size=4, row_multiple=4))
+  (batch,) = batches
+  assert batch["tokens"].shape == (4, 48)  # two rows hold the four examples; two masked rows pad to 4
+  assert sorted(examples_in(batch)) == [(0, 30), (1, 30), (2, 10), (3, 5)]
+  assert not batch["segment_ids"][2:].any() and not batch["loss_mask"][2:].any()
 
 
 def test_packing_rejects_an_example_longer_than_a_row():
@@ -144,11 +153,11 @@ def test_packing_rejects_an_example_longer_than_a_row():
 
 # --- bucketing --------------------------------------------------------------------------------------
 
-def test_bucketing_pads_each_example_to_the_smallest_bucket_that_fits():
+def test_bucketing_pads_each_step_to_the_bucket_of_its_longest_example():
   examples = [example(0, 3), example(1, 10), example(2, 4), example(3, 30)]
   batches = list(sft.bucket(examples, seq_len=32, batch_size=2, buckets=(4, 16)))
   shapes_and_ids = [(b["tokens"].shape, sorted(i for i, _ in examples_in(b))) for b in batches]
-  assert shapes_and_ids == [((2, 4), [0, 2]), ((2, 16), [1]), ((2, 32), [3])]
+  assert shapes_and_ids == [((2, 4), [0, 2]), ((2, 32), [1, 3])]
 
 
 def test_bucketing_places_every_example_once_one_per_row():
@@ -164,7 +173,8 @@ def test_packing_wastes_less_than_bucketing_on_mixed_lengths():
   packed = sft.efficiency(sft.pack(examples, seq_len=48, batch_size=4))
   bucketed = sft.efficiency(sft.bucket(examples, seq_len=48, batch_size=4))
   assert 0 < bucketed <= packed <= 1
-  assert packed > 0.9
+  for batch in sft.pack(examples, seq_len=48, batch_size=4):  # no step takes more than one row beyond its tokens
+    assert batch["tokens"].shape[0] <= -(-int(np.count_nonzero(batch["segment_ids"])) // 48) + 1
 
 
 # --- the loader -------------------------------------------------------------------------------------
@@ -192,7 +202,7 @@ def test_loader_serves_every_example_once_per_epoch_then_reshuffles(batching):
   loader = sft.SFTLoader(examples, seq_len=48, batch_size=4, seed=0, batching=batching)
   epochs = []
   for _ in range(2):
-    epochs.append([e for b in take(loader, loader.batches_per_epoch()) for e in examples_in(b)])
+    epochs.append([e for b in take(loader, int(loader.steps_per_epoch())) for e in examples_in(b)])
   for found in epochs:
     assert sorted(found) == [(i, len(t)) for i, (t, _) in enumerate(examples)]
   assert epochs[0] != epochs[1]
@@ -222,14 +232,43 @@ def test_loader_refuses_a_state_saved_with_another_seed():
 def test_two_processes_together_see_the_single_process_batch(batching):
   examples = mixed_examples()
   kwargs = dict(seq_len=48, batch_size=4, seed=5, batching=batching)
-  single = take(sft.SFTLoader(examples, **kwargs), 8)
+  single = take(sft.SFTLoader(examples, row_multiple=2, **kwargs), 8)  # as many rows as two processes need
   halves = [take(sft.SFTLoader(examples, process_index=p, process_count=2, **kwargs), 8) for p in (0, 1)]
   joined = [{k: np.concatenate([h0[k], h1[k]]) for k in h0} for h0, h1 in zip(*halves)]
-  assert all(h["tokens"].shape[0] == 2 for h in halves[0])
+  assert all(2 * h["tokens"].shape[0] == s["tokens"].shape[0] for h, s in zip(halves[0], single))
   assert_same_batches(joined, single)
 
 
-def test_loader_efficiency_matches_the_batches_of_an_epoch():
+def test_loader_efficiency_matches_the_steps_of_an_epoch():
   loader = sft.SFTLoader(mixed_examples(), seq_len=48, batch_size=4, seed=0)
   expected = loader.efficiency()
-  assert sft.efficiency(take(loader, loader.batches_per_epoch())) == pytest.approx(expected)
+  assert sft.efficiency(take(loader, int(loader.steps_per_epoch()))) == pytest.approx(expected)
+
+
+# --- a step is the paper's batch of examples --------------------------------------------------------
+
+def count_examples(batch: dict) -> int:
+  return sum(int(row.max()) for row in batch["segment_ids"])
+
+
+@pytest.mark.parametrize("batching", sft.BATCHINGS)
+def test_3200_examples_at_batch_32_give_100_steps_per_epoch(batching):
+  examples = mixed_examples(n=3200, max_len=60)  # many examples share a row of 256 when packed
+  loader = sft.SFTLoader(examples, seq_len=256, batch_size=32, seed=0, batching=batching)
+  steps = take(loader, 100)
+  assert [count_examples(b) for b in steps] == [32] * 100
+  assert sorted(e for b in steps for e in examples_in(b)) == [(i, len(t)) for i, (t, _) in enumerate(examples)]
+  assert loader.steps_per_epoch() == 100 and loader.get_state()["epoch"] == 1.0
+
+
+@pytest.mark.parametrize("batching", sft.BATCHINGS)
+def test_every_step_has_exactly_batch_size_examples_across_epoch_boundaries(batching):
+  examples = mixed_examples(n=30)  # 30 is no multiple of 4: steps straddle epochs
+  loader = sft.SFTLoader(examples, seq_len=48, batch_size=4, seed=3, batching=batching, row_multiple=2)
+  steps = take(loader, 15)
+  assert [count_examples(b) for b in steps] == [4] * 15
+  assert all(b["tokens"].shape[0] % 2 == 0 for b in steps)  # rows a multiple of the data-parallel ways
+  assert loader.epochs(15) == 2.0
+  if batching == "packing":  # steps follow the stream; bucketing reorders steps inside blocks of 8
+    seen = sorted(e for b in steps for e in examples_in(b))
+    assert seen == sorted([(i, len(t)) for i, (t, _) in enumerate(examples)] * 2)  # 60 examples = 2 epochs

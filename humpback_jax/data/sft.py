@@ -1,10 +1,10 @@
-"""Supervised fine-tuning data: (instruction, output) -> tokens with a loss mask -> fixed-size batches.
+"""Supervised fine-tuning data: (instruction, output) -> tokens with a loss mask -> steps of B examples.
 
 An example is `[bos] + encode(prompt) + encode(output) + eos` (bos when the tokenizer has one), the
 prompt being the instruction (plus tags) in the chat template; prompt and output are encoded
 separately so the mask starts exactly at the first output token. The loss covers the output tokens
-and the final eos (the paper: loss on the output only). Batches are dicts of numpy arrays, all
-[batch, length]:
+and the final eos (the paper: loss on the output only). A step's batch holds exactly `batch_size` examples (the paper's
+batch) laid into rows; batches are dicts of numpy arrays, all [rows, length]:
   tokens, targets (int32), loss_mask (float32), positions, segment_ids (int32),
 with `targets[t] = tokens[t + 1]` and `loss_mask[t] = example_mask[t + 1]` inside one example; an
 example's last position predicts nothing (mask 0). `segment_ids` number the examples of a row 1, 2, ...
@@ -13,6 +13,7 @@ example's last position predicts nothing (mask 0). `segment_ids` number the exam
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -24,10 +25,7 @@ POLICIES = ("truncate", "drop")
 BATCHINGS = ("packing", "bucketing")
 
 Example = tuple[np.ndarray, np.ndarray]  # tokens int32 [n], loss_mask bool [n]
-BatchPlan = tuple[int, list[list[int]]]  # (row length, example indices of each of the batch's rows)
-# Packing looks for room in this many open rows: wide enough to fill rows well, narrow enough to
-# keep planning linear in the number of examples.
-PACK_WINDOW_ROWS = 64
+BatchPlan = tuple[int, list[list[int]]]  # (row length, example indices of each of the step's rows)
 
 
 @dataclasses.dataclass
@@ -101,28 +99,37 @@ def _fit(bos: list[int], prompt: list[int], target: list[int], seq_len: int,
   return prompt[-keep:], target[:1]
 
 
-def _plan_packing(lengths: Sequence[int], seq_len: int, batch_size: int,
-                  window: int = PACK_WINDOW_ROWS) -> list[BatchPlan]:
-  """Greedy first-fit in input order over the `window` most recently opened rows; when the window is
-  full the oldest row is closed. Closed rows form batches of `batch_size`, the last one padded."""
-  closed, open_rows, free = [], [], np.zeros(0, np.int64)
-  for index, length in enumerate(lengths):
-    _check_length(index, length, seq_len)
-    fits = np.flatnonzero(free >= length)
-    if len(fits):
-      row = int(fits[0])
-    else:
-      if len(open_rows) == max(window, 1):
-        closed.append(open_rows.pop(0))
-        free = free[1:]
-      open_rows.append([])
-      free = np.append(free, seq_len)
-      row = len(open_rows) - 1
-    open_rows[row].append(index)
-    free[row] -= length
-  rows = closed + open_rows
-  rows += [[] for _ in range(-len(rows) % batch_size)]
-  return [(seq_len, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _first_fit_decreasing(indices: Sequence[int], lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+  """Rows of at most `seq_len` tokens holding `indices` (longest first, each into the first row with room)."""
+  rows, free = [], []
+  for i in sorted(indices, key=lambda i: -int(lengths[i])):
+    n = int(lengths[i])
+    row = next((r for r, room in enumerate(free) if room >= n), None)
+    if row is None:
+      rows.append([])
+      free.append(seq_len)
+      row = len(rows) - 1
+    rows[row].append(i)
+    free[row] -= n
+  return rows
+
+
+def _plan_packing(steps: Sequence[Sequence[int]], lengths: Sequence[int], seq_len: int,
+                  row_multiple: int = 1) -> list[BatchPlan]:
+  """Each step's examples packed into as many rows of `seq_len` as they need, rounded up to
+  `row_multiple` with empty (fully masked) rows: the step trains on exactly its examples."""
+  plans = []
+  for step in steps:
+    for i in step:
+      _check_length(int(i), int(lengths[i]), seq_len)
+    rows = _first_fit_decreasing(step, lengths, seq_len)
+    rows += [[] for _ in range(_round_up(max(len(rows), 1), row_multiple) - len(rows))]
+    plans.append((seq_len, rows))
+  return plans
 
 
 def default_buckets(seq_len: int) -> tuple[int, ...]:
@@ -130,24 +137,22 @@ def default_buckets(seq_len: int) -> tuple[int, ...]:
   return tuple(sorted({max(1, seq_len // d) for d in (8, 4, 2, 1)}))
 
 
-def _plan_bucketing(lengths: Sequence[int], seq_len: int, batch_size: int,
-                    buckets: Sequence[int] | None) -> list[BatchPlan]:
-  """One example per row, in the smallest bucket that fits; a batch is emitted when its bucket holds
-  `batch_size` examples, and the partly filled buckets at the end, shortest first."""
+def _plan_bucketing(pool: Sequence[int], lengths: Sequence[int], seq_len: int, batch_size: int,
+                    buckets: Sequence[int] | None, row_multiple: int = 1) -> list[BatchPlan]:
+  """One example per row: the pool's examples sorted (stably) by the smallest bucket that fits them,
+  cut into steps of `batch_size`, each step padded to the bucket of its longest example."""
   bucket_lengths = sorted(set(buckets or default_buckets(seq_len)) | {seq_len})
   bucket_lengths = [b for b in bucket_lengths if b <= seq_len]
-  pending = {b: [] for b in bucket_lengths}
+  for i in pool:
+    _check_length(int(i), int(lengths[i]), seq_len)
+  bucket_of = {int(i): next(b for b in bucket_lengths if b >= lengths[i]) for i in pool}
+  ordered = sorted(pool, key=lambda i: bucket_of[int(i)])
   plans = []
-  for index, length in enumerate(lengths):
-    _check_length(index, length, seq_len)
-    row_len = next(b for b in bucket_lengths if b >= length)
-    pending[row_len].append(index)
-    if len(pending[row_len]) == batch_size:
-      plans.append((row_len, [[i] for i in pending[row_len]]))
-      pending[row_len] = []
-  for row_len, indices in pending.items():
-    if indices:
-      plans.append((row_len, [[i] for i in indices] + [[] for _ in range(batch_size - len(indices))]))
+  for start in range(0, len(ordered), batch_size):
+    step = ordered[start:start + batch_size]
+    rows = [[int(i)] for i in step]
+    rows += [[] for _ in range(_round_up(len(rows), row_multiple) - len(rows))]
+    plans.append((max(bucket_of[int(i)] for i in step), rows))
   return plans
 
 
@@ -178,17 +183,20 @@ def _rows_to_batch(examples: Sequence[Example], rows: Sequence[Sequence[int]], r
   return batch
 
 
-def pack(examples: Sequence[Example], seq_len: int, batch_size: int) -> Iterator[dict]:
-  """Packed batches [batch_size, seq_len] (greedy first-fit in input order over a window of open
-  rows); no example is split."""
-  for row_len, rows in _plan_packing([len(t) for t, _ in examples], seq_len, batch_size):
+def pack(examples: Sequence[Example], seq_len: int, batch_size: int, row_multiple: int = 1) -> Iterator[dict]:
+  """Steps of `batch_size` examples in input order, each packed into the rows it needs
+  [rows, seq_len] (rows rounded up to `row_multiple`); no example is split."""
+  lengths = [len(t) for t, _ in examples]
+  steps = [range(i, min(i + batch_size, len(examples))) for i in range(0, len(examples), batch_size)]
+  for row_len, rows in _plan_packing(steps, lengths, seq_len, row_multiple):
     yield _rows_to_batch(examples, rows, row_len)
 
 
 def bucket(examples: Sequence[Example], seq_len: int, batch_size: int,
-           buckets: Sequence[int] | None = None) -> Iterator[dict]:
-  """Padded batches [batch_size, bucket_len], one example per row, batches formed within a bucket."""
-  for row_len, rows in _plan_bucketing([len(t) for t, _ in examples], seq_len, batch_size, buckets):
+           buckets: Sequence[int] | None = None, row_multiple: int = 1) -> Iterator[dict]:
+  """Steps of `batch_size` examples, one per row, grouped by bucket length [rows, bucket_len]."""
+  lengths = [len(t) for t, _ in examples]
+  for row_len, rows in _plan_bucketing(range(len(examples)), lengths, seq_len, batch_size, buckets, row_multiple):
     yield _rows_to_batch(examples, rows, row_len)
 
 
@@ -202,80 +210,107 @@ def efficiency(batches: Iterable[dict]) -> float:
 
 
 class SFTLoader:
-  """Infinite, deterministic, resumable iterator over this process's rows of each global batch.
+  """Infinite, deterministic, resumable iterator over this process's rows of each global step.
 
-  Each epoch shuffles the examples with `np.random.default_rng([seed, epoch])` and plans its global
-  batches from the lengths alone; every process plans the same batches and builds only its rows,
-  [i * B / P, (i + 1) * B / P), so the union over processes is the single-process batch. This needs
-  all tokenised examples on every host, which the method's data sizes allow.
+  A step trains on exactly `batch_size` examples (the paper's batch is examples, not rows). The
+  examples form one stream, epoch after epoch, each epoch shuffled with
+  `np.random.default_rng([seed, epoch])`; step s takes stream positions [s * B, (s + 1) * B), so an
+  epoch is N / B steps. Packing lays a step's examples into the rows they need (rounded up to
+  `row_multiple`, which the data-parallel devices, micro-batches and processes must divide; extra rows
+  are empty and masked). Bucketing sorts a block of ceil(N / B) steps' examples by length bucket and
+  cuts it into steps, one example per row. Every process plans the same steps from the lengths alone
+  and builds only its share of the rows; the union over processes is the single-process batch.
   """
 
   def __init__(self, examples: Sequence[Example], *, seq_len: int, batch_size: int, seed: int,
                batching: str = "packing", process_index: int = 0, process_count: int = 1,
-               buckets: Sequence[int] | None = None):
+               buckets: Sequence[int] | None = None, row_multiple: int = 1):
     if not examples:
       raise ValueError("SFTLoader got no examples: every pair was skipped or dropped")
     if batching not in BATCHINGS:
       raise ValueError(f"batching {batching!r} is not one of {', '.join(BATCHINGS)}")
-    if batch_size % process_count or not 0 <= process_index < process_count:
-      raise ValueError(f"batch_size {batch_size} must split evenly over process_count {process_count}, "
-                       f"and process_index {process_index} lie in [0, {process_count})")
+    if batch_size < 1 or not 0 <= process_index < process_count:
+      raise ValueError(f"batch_size {batch_size} must be >= 1 and process_index {process_index} lie in "
+                       f"[0, {process_count})")
     self._examples = examples
     self._lengths = np.array([len(t) for t, _ in examples])
     for index, length in enumerate(self._lengths):
       _check_length(index, int(length), seq_len)
     self._seq_len, self._batch_size, self._seed = seq_len, batch_size, seed
     self._batching, self._buckets = batching, buckets
-    rows_per_process = batch_size // process_count
-    self._rows = slice(process_index * rows_per_process, (process_index + 1) * rows_per_process)
-    self._epoch, self._step = 0, 0
+    self._row_multiple = math.lcm(max(row_multiple, 1), process_count)
+    self._process = (process_index, process_count)
+    self._block_steps = -(-len(examples) // batch_size)  # planning unit: about one epoch of steps
+    self._step = 0
+    self._orders: dict[int, np.ndarray] = {}
     self._plan_cache: tuple[int, list[BatchPlan]] | None = None
 
-  def _plan(self, epoch: int) -> list[BatchPlan]:
-    """The epoch's global batches, as example indices into `examples`."""
-    if self._plan_cache is None or self._plan_cache[0] != epoch:
-      order = np.random.default_rng([self._seed, epoch]).permutation(len(self._examples))
-      lengths = self._lengths[order]
+  def _order(self, epoch: int) -> np.ndarray:
+    if epoch not in self._orders:
+      if len(self._orders) > 4:
+        self._orders.clear()
+      self._orders[epoch] = np.random.default_rng([self._seed, epoch]).permutation(len(self._examples))
+    return self._orders[epoch]
+
+  def _stream(self, start: int, stop: int) -> np.ndarray:
+    """Example indices at stream positions [start, stop): epoch after epoch, each shuffled."""
+    n = len(self._examples)
+    epochs = range(start // n, (stop - 1) // n + 1)
+    joined = np.concatenate([self._order(e) for e in epochs])
+    return joined[start - epochs[0] * n:stop - epochs[0] * n]
+
+  def _plan(self, block: int) -> list[BatchPlan]:
+    """The block's global steps, as example indices into `examples`."""
+    if self._plan_cache is None or self._plan_cache[0] != block:
+      b = self._batch_size
+      first = block * self._block_steps * b
+      pool = [int(i) for i in self._stream(first, first + self._block_steps * b)]
       if self._batching == "packing":
-        plans = _plan_packing(lengths, self._seq_len, self._batch_size)
+        steps = [pool[i:i + b] for i in range(0, len(pool), b)]
+        plans = _plan_packing(steps, self._lengths, self._seq_len, self._row_multiple)
       else:
-        plans = _plan_bucketing(lengths, self._seq_len, self._batch_size, self._buckets)
-      plans = [(row_len, [[int(order[i]) for i in row] for row in rows]) for row_len, rows in plans]
-      self._plan_cache = (epoch, plans)
+        plans = _plan_bucketing(pool, self._lengths, self._seq_len, b, self._buckets, self._row_multiple)
+        shuffle = np.random.default_rng([self._seed, block, 1]).permutation(len(plans))
+        plans = [plans[i] for i in shuffle]  # length-sorted steps would make the loss drift over a block
+      self._plan_cache = (block, plans)
     return self._plan_cache[1]
 
   def __iter__(self) -> SFTLoader:
     return self
 
   def __next__(self) -> dict:
-    if self._step >= len(self._plan(self._epoch)):
-      self._epoch, self._step = self._epoch + 1, 0
-    plans = self._plan(self._epoch)
-    row_len, rows = plans[self._step]
+    row_len, rows = self._plan(self._step // self._block_steps)[self._step % self._block_steps]
     self._step += 1
-    if self._step == len(plans):  # the saved position after an epoch's last batch is the next epoch
-      self._epoch, self._step = self._epoch + 1, 0
-    return _rows_to_batch(self._examples, rows[self._rows], row_len)
+    index, count = self._process
+    share = len(rows) // count
+    return _rows_to_batch(self._examples, rows[index * share:(index + 1) * share], row_len)
 
-  def batches_per_epoch(self) -> int:
-    """Global batches in the current epoch (packing makes it vary slightly between epochs)."""
-    return len(self._plan(self._epoch))
+  def steps_per_epoch(self) -> float:
+    """Steps that together see every example once: N / batch_size."""
+    return len(self._examples) / self._batch_size
+
+  def epochs(self, steps: int) -> float:
+    """How many passes over the examples `steps` steps make."""
+    return steps / self.steps_per_epoch()
 
   def efficiency(self) -> float:
-    """Share of non-padding token slots in the current epoch's global batches."""
-    plans = self._plan(self._epoch)
+    """Share of non-padding token slots in the current block's global steps."""
+    plans = self._plan(self._step // self._block_steps)
     real = sum(int(self._lengths[i]) for _, rows in plans for row in rows for i in row)
     return real / sum(row_len * len(rows) for row_len, rows in plans)
 
   def get_state(self) -> dict:
-    """JSON-serialisable position: the next batch is batch `step_in_epoch` of `epoch`."""
-    return dict(epoch=self._epoch, step_in_epoch=self._step, seed=self._seed, batching=self._batching,
-                num_examples=len(self._examples))
+    """JSON-serialisable position: the next step is `step` (epoch is informative)."""
+    return dict(step=self._step, epoch=self.epochs(self._step), seed=self._seed, batching=self._batching,
+                batch_size=self._batch_size, num_examples=len(self._examples))
 
   def set_state(self, state: dict) -> None:
-    """Resumes at the saved position; refuses a state saved for another seed, batching or data."""
-    for key, mine in (("seed", self._seed), ("batching", self._batching),
+    """Resumes at the saved position; refuses a state saved for another seed, batching, batch or data."""
+    if "step" not in state:
+      raise ValueError("loader state has no 'step': it was saved by a loader that counted rows, not "
+                       "examples; restart this training stage (delete its checkpoints/)")
+    for key, mine in (("seed", self._seed), ("batching", self._batching), ("batch_size", self._batch_size),
                       ("num_examples", len(self._examples))):
       if key in state and state[key] != mine:
         raise ValueError(f"loader state field {key!r}: saved {state[key]!r}, this loader has {mine!r}")
-    self._epoch, self._step = int(state["epoch"]), int(state["step_in_epoch"])
+    self._step = int(state["step"])

@@ -5,6 +5,7 @@ Also the toy base model's pretraining, which is the same loop with the loss on e
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -54,18 +55,27 @@ def run(cfg, layout, tokenizer, examples, *, init_params: Callable[[], dict], wo
         steps: int, batch_size: int, tokenizer_file: Path, progress: bool = True) -> dict:
   """Trains on tokenised `examples` (resuming inside `workdir`), saves `workdir/model`; returns a summary."""
   t = cfg.train
-  loader = sft.SFTLoader(examples, seq_len=t.seq_len, batch_size=batch_size, batching=t.batching,
-                         seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count())
   train_cfg = t.copy_and_resolve_references()
   with train_cfg.unlocked():
     train_cfg.batch_size = batch_size
     train_cfg.micro_batches = min(train_cfg.micro_batches, batch_size)
+  loader = sft.SFTLoader(examples, seq_len=t.seq_len, batch_size=batch_size, batching=t.batching,
+                         seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+                         row_multiple=train_cfg.micro_batches * batch_ways(layout))
   result = train_loop.run(cfg.model, train_cfg, layout, loader, init_params, workdir,
                           total_steps=steps, seq_len=t.seq_len, progress=progress)
   model_dir.save(Path(workdir) / "model", result["params"], cfg.model, tokenizer_file=tokenizer_file,
                  chat_template=cfg.tokenizer.chat_template)
-  return dict(examples=len(examples), steps=steps, batch_size=batch_size, final_loss=result["final_loss"],
+  return dict(examples=len(examples), steps=steps, batch_size=batch_size, batching=t.batching,
+              epochs=round(loader.epochs(steps), 3), final_loss=result["final_loss"],
               resumed_from=result["resumed_from"], padding_efficiency=loader.efficiency())
+
+
+def batch_ways(layout) -> int:
+  """How many ways the mesh splits a batch's rows (the mesh axes the `batch` logical axis maps to)."""
+  axes = dict(layout.rules).get("batch") or ()
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(layout.mesh.shape.get(a, 1) for a in axes)
 
 
 def steps_and_batch(train_cfg, num_examples: int) -> tuple[int, int]:
