@@ -166,8 +166,10 @@ def corpus_config(**overrides) -> ml_collections.ConfigDict:
       near_dup_threshold=0.8, num_perm=128, bands=16,
       text_mode="paragraphs",     # plain text: paragraphs packed into 600-3,000-char windows, or "document"
       engine="local",             # or "beam": the same steps as an Apache Beam pipeline (`.[beam]` extra)
-      # Beam PipelineOptions; the default runs Beam's DirectRunner on this machine's processes.
-      beam_options=dict(runner="DirectRunner", direct_num_workers=2, direct_running_mode="multi_processing")))
+      # Beam PipelineOptions as command-line flags (e.g. "--runner=DataflowRunner --project=..."):
+      # by default Beam's DirectRunner on 2 worker processes of this machine.
+      beam_options=("--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing "
+                    "--default_sdk_harness_log_level=ERROR")))
   cfg.update(overrides)
   return cfg
 

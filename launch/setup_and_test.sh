@@ -3,7 +3,7 @@
 #   bash launch/setup_and_test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
+python3 -m pip install --quiet --disable-pip-version-check -e ".[test,beam]"
 # Real HTML documentation for the corpus-preparation test (Debian's python3-doc), when apt is there.
 if command -v apt-get >/dev/null && [ ! -d /usr/share/doc/python3-doc ] && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && apt-get install -y -qq python3-doc) >/dev/null 2>&1 || echo "note: python3-doc not installed"

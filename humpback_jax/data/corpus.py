@@ -39,7 +39,7 @@ CORPUS_DEFAULTS = dict(
     text_mode="paragraphs",            # plain text (txt, JSONL, tfds): "paragraphs" packed into
                                        # min_chars..max_chars windows, or one "document"
     engine="local",                    # or "beam": the same steps as an Apache Beam pipeline
-    beam_options={},                   # Beam PipelineOptions (runner, direct_num_workers, ...)
+    beam_options="",                   # Beam PipelineOptions as flags ("--runner=... --direct_num_workers=2")
 )
 
 
@@ -53,7 +53,6 @@ def corpus_config(cfg: Mapping | None = None) -> dict:
     if key not in CORPUS_DEFAULTS:
       raise ConfigError(f"corpus.{key}: unknown field (known: {', '.join(sorted(CORPUS_DEFAULTS))})")
     merged[key] = value
-  merged["beam_options"] = dict(merged["beam_options"] or {})
   if not 0 <= merged["min_chars"] <= merged["max_chars"]:
     raise ConfigError(f"corpus.min_chars/max_chars: need 0 <= min_chars <= max_chars, got "
                       f"{merged['min_chars']} and {merged['max_chars']}")
@@ -143,8 +142,7 @@ def make_report(counts: Mapping[str, int], cfg: Mapping) -> dict:
           "skipped_files": {r: counts.get(r, 0) for r in documents.SKIP_REASONS},
           "documents": counts.get("documents", 0), "input": counts.get("input", 0),
           "dropped": {name: counts.get(name, 0) for name, _ in filters.filters_from_config(cfg)},
-          **{k: counts.get(k, 0) for k in ("nested", "exact_duplicate", "near_duplicate", "kept")},
-          "engine": cfg["engine"]}
+          **{k: counts.get(k, 0) for k in ("nested", "exact_duplicate", "near_duplicate", "kept")}}
 
 
 # -------------------------------------------------------------------------- local engine

@@ -25,7 +25,8 @@ SEGMENT_FIELDS = ("id", "doc_id", "header", "text")
 _OPTIONAL_FLOATS = ("score",)
 
 
-def _features(fields: Iterable[str]) -> tfds.features.FeaturesDict:
+def features_for(fields: Iterable[str]) -> tfds.features.FeaturesDict:
+  """The tfds features of a schema: text fields, and float32 for the optional scores."""
   return tfds.features.FeaturesDict({
       f: tfds.features.Scalar(np.float32) if f in _OPTIONAL_FLOATS else tfds.features.Text()
       for f in fields})
@@ -45,7 +46,7 @@ class _RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(builder=self, description=self._description,
-                                 features=_features(self._fields), disable_shuffling=True)
+                                 features=features_for(self._fields), disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
     del dl_manager

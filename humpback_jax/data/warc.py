@@ -30,7 +30,8 @@ def html_responses(path, name: str) -> Iterator[tuple[str, bytes] | None]:
           yield None
           continue
         uri = record.rec_headers.get_header("WARC-Target-URI")
-        yield f"{uri}@{name}:{records.get_record_offset()}", record.content_stream().read()
+        content = record.content_stream().read()  # before get_record_offset, which skips the payload
+        yield f"{uri}@{name}:{records.get_record_offset()}", content
     except ArchiveLoadFailed as e:
       raise DataError(f"{Path(path)}: not a readable WARC file ({e}); check the file or remove it "
                       "from the corpus folder", path=path) from None

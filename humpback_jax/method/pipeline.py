@@ -97,10 +97,9 @@ class Run:
     return dict(seed_pairs=len(rows), **stats)
 
   def _prepare_corpus(self, name):
-    segments, corpus_report = sources.corpus_segments(self.cfg)
-    shards.write_atomic(self.dir(name) / "segments.jsonl", segments)
-    sources.write_dataset(segments, self.workdir / "datasets", "segments", kind="segments")
-    return corpus_report
+    report = sources.prepare_corpus_dataset(self.cfg, self.workdir / "datasets")
+    distributed.barrier(f"{name}_dataset")  # augment reads it on every process
+    return report
 
   # ------------------------------------------------------------------ model stages
 

@@ -80,12 +80,25 @@ def _fmt(ms) -> str:
   return f"{ms[0]:.0f} ± {ms[1]:.0f}"
 
 
+def _corpus_lines(c: dict) -> list[str]:
+  """Every corpus segment once: dropped per filter, nested, duplicates, kept; and the skipped files."""
+  if "dropped" not in c:
+    return []
+  lines = ["", "## Corpus", "", "| segments | count |", "|---|---|", f"| input | {c['input']} |"]
+  lines += [f"| dropped: {name} | {n} |" for name, n in c["dropped"].items()]
+  lines += [f"| {key.replace('_', ' ')} | {c[key]} |" for key in ("nested", "exact_duplicate", "near_duplicate", "kept")]
+  skipped = {k: v for k, v in c.get("skipped_files", {}).items() if v}
+  return lines + ["", f"{c.get('files', 0)} files, {c.get('documents', 0)} documents, engine {c.get('engine')}; "
+                      f"skipped files: {json.dumps(skipped) if skipped else 'none'}."]
+
+
 def _markdown(run, s: dict, candidates: list[dict]) -> str:
   lines = [f"# Humpback run report: {run.workdir}", "", "## Stages", "",
            "| stage | seconds | counts |", "|---|---|---|"]
   for name, counts in s["stages"].items():
     shown = {k: v for k, v in (counts or {}).items() if not isinstance(v, (dict, list))}
     lines.append(f"| {name} | {s['seconds'][name]} | {json.dumps(shown)[:400]} |")
+  lines += _corpus_lines(s["stages"].get("prepare_corpus") or {})
   p = s["paper"]
   lines += ["", "## Data statistics (characters, mean ± std)", "", "| set | this run | paper |", "|---|---|---|",
             f"| seed instruction | {_fmt(s['seed_instruction_chars'])} | {_fmt(p['seed_instruction_chars'])} |",

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 
 from humpback_jax.data import corpus, seed, tfds_datasets
-from humpback_jax.errors import ConfigError, DataError
+from humpback_jax.errors import DataError
 
 
 def seed_pairs(cfg) -> tuple[list[dict], dict]:
@@ -18,19 +18,28 @@ def seed_pairs(cfg) -> tuple[list[dict], dict]:
   return seed.load_seed(d.seed_path, fmt=d.seed_format, n=d.seed_size, lang=d.seed_lang, seed=d.seed_shuffle)
 
 
-def corpus_segments(cfg) -> tuple[list[dict], dict]:
-  """Segments of the unlabeled corpus after filters and dedup (local engine), and the report."""
+def prepare_corpus_dataset(cfg, data_dir: Path) -> dict:
+  """Prepares the `segments` dataset under `data_dir` with `corpus.engine`; returns the report.
+
+  Both engines write the same records in the same order (`corpus.output_key`). The work runs on
+  process 0 (Beam spreads it over its own workers); the others wait at the stage's barrier.
+  """
   d = cfg.data
+  field = "data.corpus_tfds_name" if d.corpus_tfds_name else "data.corpus_path"
   source = corpus.source_from_config(d)
-  if cfg.corpus.engine != "local":
-    raise ConfigError(f"corpus.engine={cfg.corpus.engine!r}: only 'local' runs in this version")
-  kept, report = corpus.prepare_local(source, cfg.corpus)
-  if not report["input"]:
-    field = "data.corpus_tfds_name" if d.corpus_tfds_name else "data.corpus_path"
-    raise DataError(f"{d.corpus_path or d.corpus_tfds_name}: the corpus is empty (no segments found; "
-                    f"config field {field}; skipped files: {report['skipped_files']})",
+  if cfg.corpus.engine == "beam":
+    from humpback_jax.data import corpus_beam  # Apache Beam loads only when asked for
+    report = corpus_beam.prepare_beam(source, cfg.corpus, data_dir, "segments")[1] if jax.process_index() == 0 else {}
+  else:
+    kept, report = corpus.prepare_local(source, cfg.corpus)
+    if report["kept"]:
+      write_dataset([dataclasses.asdict(s) for s in kept], data_dir, "segments", kind="segments")
+  if jax.process_index() == 0 and not report["kept"]:
+    what = "the corpus is empty (no segments found" if not report["input"] else "no segment passed the filters ("
+    raise DataError(f"{d.corpus_path or d.corpus_tfds_name}: {what}; config field {field}; "
+                    f"skipped files: {report['skipped_files']}; dropped: {report['dropped']})",
                     path=d.corpus_path, field=field)
-  return [dataclasses.asdict(s) for s in kept], report
+  return dict(report, engine=cfg.corpus.engine)
 
 
 def pretraining_texts(cfg) -> list[str]:
