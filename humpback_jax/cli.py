@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
   pl.add_argument("--devices", type=int, required=True)
   pl.add_argument("--device-gib", type=float, default=80.0)
   pl.add_argument("--mode", choices=["train", "generate"], default="train")
+  for command in sub.choices.values():
+    command.add_argument("--verbose", action="store_true", help="also show third-party output (tfds, absl)")
   return p
 
 
@@ -205,6 +207,8 @@ def main(argv=None) -> int:
   if unknown:
     print(f"humpback {args.command}: unknown arguments {unknown}", file=sys.stderr)
     return 2
+  from humpback_jax import quiet
+  quiet.configure(args.verbose)
   try:
     if args.command != "plan":
       from humpback_jax import distributed

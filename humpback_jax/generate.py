@@ -94,7 +94,7 @@ def sample_next(logits, key, temperature, top_p, top_k, step=None):
     scaled = logits / temperature
     # The most likely SAMPLING_CANDIDATES tokens first (lax.top_k: sorted, ties keep the lower id
     # first, as argmax does); the whole vocabulary is sorted only when some row's kept set reaches
-    # past them (a sort of [32, 49,152] took ~340 ms per step on CPU, the top 64 ~5 ms).
+    # past them (a full sort per step is far slower on CPU: bench/RESULTS.md).
     n = min(vocab, SAMPLING_CANDIDATES)
     head, head_ids = jax.lax.top_k(scaled, n)
     head_norm = jax.nn.logsumexp(jnp.where(jnp.arange(n) < top_k, head, -jnp.inf), axis=-1)

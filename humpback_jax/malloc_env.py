@@ -2,8 +2,8 @@
 
 XLA:CPU allocates a program's temporaries as one block per execution (585 MB for the bench20m
 train step). glibc serves blocks over 32 MB with `mmap` and hands them back with `munmap`, so every
-step faults in and zeroes ~143,000 fresh pages: ~10% of the step's CPU time, measured with perf and
-strace (bench/RESULTS.md, session 5). With one arena, no `mmap` and no trimming, a freed block stays
+step faults in and zeroes every page afresh, a measurable share of the step's CPU time
+(bench/RESULTS.md). With one arena, no `mmap` and no trimming, a freed block stays
 in the heap and the next step reuses it (the role tcmalloc plays for MaxText on TPU VMs). glibc
 reads these variables only when a process starts, so entry points restart themselves once with them.
 """

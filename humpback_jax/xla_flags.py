@@ -1,8 +1,8 @@
 """XLA:CPU settings we measured to be faster, applied before JAX starts its CPU backend.
 
 jaxlib 0.10's XLA:CPU sends dots to YNNPACK/XNNPACK fusions by default. On the bench20m
-training step (bench/train.py, 2 cores) its Eigen GEMMs were ~10% faster (best step 2.07-2.20 s
-vs 2.35-2.43 s), and decode a few percent faster; YNN fusions also miscompiled one attention form
+training step (bench/train.py, 2 cores) its Eigen GEMMs were faster (bench/RESULTS.md), and
+decode a few percent faster; YNN fusions also miscompiled one attention form
 (see model/attention.py). Flags the user already set win; HUMPBACK_XLA_DEFAULTS=0 skips these.
 """
 from __future__ import annotations

@@ -7,7 +7,8 @@ import pytest
 
 from humpback_jax.data import sft
 from humpback_jax.errors import ConfigError
-from humpback_jax.method import curate, prompts
+from humpback_jax import prompts
+from humpback_jax.method import curate
 from humpback_jax.tokenizer import CHATML, LLAMA2_INST, load_tokenizer
 
 TOY_TOKENIZER = Path(__file__).resolve().parents[1] / "humpback_jax" / "assets" / "toy" / "tokenizer.model"

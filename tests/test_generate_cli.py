@@ -13,7 +13,7 @@ import pytest
 from helpers import layout
 from humpback_jax import configlib
 from humpback_jax.checkpoints import model_dir
-from humpback_jax.method import prompts as method_prompts
+from humpback_jax import prompts as method_prompts
 from humpback_jax.model import build
 
 ROOT = Path(__file__).resolve().parents[1]

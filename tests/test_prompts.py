@@ -1,7 +1,7 @@
 """The method's prompts: verbatim wording (typos included) and filling that never re-reads braces."""
 import pytest
 
-from humpback_jax.method import prompts
+from humpback_jax import prompts
 
 
 def test_backward_prompt_is_the_instruction_inside_llama2_markers():

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from humpback_jax.data import sft
-from humpback_jax.method.prompts import tagged_instruction
+from humpback_jax.prompts import tagged_instruction
 from humpback_jax.tokenizer import render_chat
 
 TEMPLATE = "[INST] {instruction} [/INST]"

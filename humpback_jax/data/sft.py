@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from humpback_jax.method.prompts import tagged_instruction
+from humpback_jax.prompts import tagged_instruction
 from humpback_jax.tokenizer import render_chat
 
 POLICIES = ("truncate", "drop")

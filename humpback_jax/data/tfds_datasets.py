@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
+from humpback_jax import quiet
 from humpback_jax.errors import DataError
 
 # The schemas; `score` is the curation score, NaN when a pair has none (seed, uncurated candidates).
@@ -91,7 +92,7 @@ def _write(records: Iterable[dict], data_dir, name: str, version: str, fields: t
     builder = _RecordsBuilder(name=name, version=version, fields=fields, records=records,
                               description=description, data_dir=os.fspath(data_dir),
                               file_format="array_record")
-  with tempfile.TemporaryDirectory() as download_dir:  # keeps tfds' download folder out of data_dir
+  with tempfile.TemporaryDirectory() as download_dir, quiet.third_party():  # download folder out of data_dir
     builder.download_and_prepare(download_dir=download_dir)
   return os.fspath(builder.data_dir)
 
@@ -158,7 +159,8 @@ def read_dataset(data_dir, name: str, split: str = "train", version: str | None 
     path = os.path.join(os.fspath(data_dir), name, version)
     if not os.path.exists(os.path.join(path, "dataset_info.json")):
       raise FileNotFoundError(f"{path}: dataset {name!r} has no prepared version {version}")
-  builder = tfds.builder_from_directory(path)
+  with quiet.third_party():
+    builder = tfds.builder_from_directory(path)
   return RecordSource(builder.as_data_source(split=split), name)
 
 

@@ -143,7 +143,7 @@ def wants_small_matmul(x2d, w) -> bool:
 def _packed_strips(w_kn):
   """w [k, n] packed into 16-column strips [ceil(n / 16), k, 16], zero-padded.
 
-  The packing (a kernel: XLA's transpose ran at ~1.6 GB/s) sits behind an optimization barrier:
+  The packing (a kernel: XLA's transpose was slow) sits behind an optimization barrier:
   XLA hoists the barrier (and the packing before it) out of a while loop, so a decode loop packs
   each weight once, not every step.
   """

@@ -91,7 +91,7 @@ void StripAllRows(int64_t m, const float* x, int64_t k, const float* strip, cons
 }
 
 // wp[n / 16, k, 16] from w[k, n], columns past n zero: the layout PackedMatmul reads. Each task
-// packs 8 strips, reading 512 contiguous bytes of each row of w (XLA's transpose ran at ~1.6 GB/s).
+// packs 8 strips, reading 512 contiguous bytes of each row of w (XLA's transpose was slow: bench/RESULTS.md).
 ffi::Error PackWeightStrips(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> wp) {
   auto wd = w.dimensions(), pd = wp->dimensions();
   if (wd.size() != 2 || pd.size() != 3 || pd[0] != (wd[1] + kStrip - 1) / kStrip || pd[1] != wd[0] ||

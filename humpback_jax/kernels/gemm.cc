@@ -74,7 +74,7 @@ inline void Transpose8x8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256&
 
 // Panel p of op(a) [m, k] (a stored [m, k], or [k, m] when transposed), rows past m zero. A full
 // panel of a row-major a goes 8 columns at a time through an 8x8 transpose (the scalar gather made
-// packing ~10% of a GEMM); edges take the scalar loop.
+// packing a visible share of a GEMM); edges take the scalar loop.
 void PackPanel(const float* a, bool transposed, int64_t m, int64_t k, int64_t p, float* packed) {
   const int64_t row0 = p * kPanel, rows = std::min(kPanel, m - row0), panels = (m + kPanel - 1) / kPanel;
   for (int64_t k0 = 0; k0 < k; k0 += kDepth) {

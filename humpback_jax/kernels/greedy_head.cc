@@ -6,7 +6,7 @@ namespace {
 
 // Greedy decoding's argmax over the vocabulary: x [rows, n] -> out [rows], the first index of each
 // row's maximum, a NaN counting as the maximum (as XLA's argmax); one vectorised pass for the
-// maximum, one to find it (XLA's variadic reduce took ~1.2 ms for 32 x 49,152).
+// maximum, one to find it (XLA's variadic reduce is slower; bench/RESULTS.md).
 ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> out) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || xd[1] < 1) return ffi::Error::InvalidArgument("argmax: expected x [rows, n >= 1]");
@@ -430,7 +430,7 @@ extern "C" int HumpbackGreedyHeadBuilt() { return 1; }
 #else
 extern "C" int HumpbackGreedyHeadBuilt() { return 0; }
 // Without AVX-512 VNNI the 8-bit pass gains nothing over every logit in float32 (AVX2's maddubs path
-// measured 30 ms against 10 ms for SmolLM2's head at batch 32), so cpu.py never calls these (it asks
+// measured slower than the float32 head: bench/RESULTS.md), so cpu.py never calls these (it asks
 // HumpbackGreedyHeadBuilt first).
 ffi::Error GreedyHeadTables(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::S8>,
                             ffi::ResultBuffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>, ffi::ResultBuffer<ffi::S32>,

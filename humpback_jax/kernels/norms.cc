@@ -6,7 +6,7 @@ namespace {
 // RMSNorm of whole sequences (train step, prefill), y = x * r * scale with r = 1 / sqrt(mean(x^2)
 // + eps) per row, and its backward in one pass: dx = r * (dy * scale - xn * mean(dy * scale * xn))
 // with xn = x * r, and dscale = sum over rows of dy * xn. XLA built the scale gradient as a
-// materialised product and a split (reduce-window) column sum, ~5 ms per norm. Rows go in fixed
+// materialised product and a split (reduce-window) column sum (bench/RESULTS.md). Rows go in fixed
 // chunks whose dscale partial sums are added in chunk order, so the result does not depend on
 // thread timing.
 

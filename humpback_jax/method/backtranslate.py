@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from humpback_jax import generate
-from humpback_jax.method import prompts
+from humpback_jax import prompts
 from humpback_jax.tokenizer import render_chat
 
 

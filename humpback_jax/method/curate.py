@@ -15,7 +15,7 @@ import numpy as np
 
 from humpback_jax import generate
 from humpback_jax.errors import ConfigError
-from humpback_jax.method import prompts
+from humpback_jax import prompts
 from humpback_jax.method.score_parser import parse_score
 from humpback_jax.tokenizer import render_chat
 

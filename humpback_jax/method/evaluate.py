@@ -10,7 +10,7 @@ from pathlib import Path
 
 from humpback_jax import api, shards
 from humpback_jax.errors import DataError
-from humpback_jax.method import prompts
+from humpback_jax import prompts
 
 PAPER_INFERENCE_TAGS = (prompts.SEED_TAG, prompts.WEB_TAG)
 

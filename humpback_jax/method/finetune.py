@@ -15,7 +15,7 @@ import numpy as np
 from humpback_jax import train, train_loop
 from humpback_jax.checkpoints import model_dir
 from humpback_jax.data import sft
-from humpback_jax.method import prompts
+from humpback_jax import prompts
 from humpback_jax.tokenizer import render_chat
 
 

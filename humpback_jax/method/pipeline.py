@@ -18,11 +18,11 @@ from pathlib import Path
 
 import jax
 
-from humpback_jax import api, distributed, generate, shards
+from humpback_jax import api, distributed, generate, prompts, shards
 from humpback_jax import tokenizer as tokenizer_lib
 from humpback_jax.checkpoints import model_dir
 from humpback_jax.errors import ConfigError
-from humpback_jax.method import backtranslate, curate, finetune, prompts, report, sources
+from humpback_jax.method import backtranslate, curate, finetune, report, sources
 from humpback_jax.model import build
 
 

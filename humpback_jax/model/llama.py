@@ -38,7 +38,7 @@ def dense(x, w, in_dims: int = 1, out_dtype=None):
   """x [..., *w.shape[:in_dims]] @ w -> [..., *w.shape[in_dims:]] as one 2-D matmul.
 
   Leading dims are flattened first: XLA:CPU then keeps every operand in the row-major layout its
-  GEMM wants, where a 3-D einsum's backward makes slow transposed copies (measured ~20% of a step).
+  GEMM wants, where a 3-D einsum's backward makes slow transposed copies (bench/RESULTS.md).
   """
   lead = x.shape[:x.ndim - in_dims]
   k = int(np.prod(w.shape[:in_dims]))
@@ -99,7 +99,7 @@ def rope_tables(inv_freq, positions_bt, max_len: int):
   """cos/sin [batch, len, head_dim] for integer positions in [0, max_len) (negative = padding; NaN past).
 
   Looked up in [max_len, head_dim] tables: computed from the positions directly, XLA fuses cos/sin
-  into every layer's rotary and evaluates them once per head and layer (~5% of a decode step);
+  into every layer's rotary and evaluates them once per head and layer;
   the tables do not depend on the tokens, so a decode loop computes them once.
   """
   angles = jnp.arange(max_len, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)

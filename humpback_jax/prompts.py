@@ -1,4 +1,5 @@
-"""The method's prompts, verbatim from the paper (METHOD.md), and pure functions that fill them.
+"""The method's prompts and tags, verbatim from the paper (METHOD.md), and pure functions that fill
+them. Below data/ and method/, so both import them downward.
 
 The backward prompt is kept twice: `BACKWARD_INSTRUCTION` is the text inside the LLaMA-2 chat
 markers, for a config chat template to wrap (ChatML etc.), and `BACKWARD_PROMPT` is that text

@@ -1,0 +1,50 @@
+"""What a run prints: our own lines and one progress bar per stage. Third-party chatter (tfds'
+"Downloading and preparing dataset", its nested progress bars, absl warnings) shows only with
+`humpback --verbose`, which sets HUMPBACK_VERBOSE=1 so that restarted and launched processes agree.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+
+VERBOSE_ENV = "HUMPBACK_VERBOSE"
+
+
+def verbose() -> bool:
+  """True when third-party output should be shown (`--verbose`, or HUMPBACK_VERBOSE=1)."""
+  return os.environ.get(VERBOSE_ENV, "0") == "1"
+
+
+def configure(verbose_output: bool) -> None:
+  """Sets this process (and processes it starts) verbose or quiet, and quiets absl's and
+  TensorFlow's loggers accordingly. Called once by the CLI."""
+  os.environ[VERBOSE_ENV] = "1" if verbose_output else "0"
+  if not verbose_output:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  level = logging.INFO if verbose_output else logging.ERROR
+  for name in ("absl", "tensorflow_datasets"):
+    logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def third_party():
+  """Runs a third-party call (a tfds build or load) without its prints, progress bars and log lines,
+  unless verbose. Our own errors still propagate; warnings logged at ERROR or above still show."""
+  if verbose():
+    yield
+    return
+  import tensorflow_datasets as tfds  # only where a tfds call is being made anyway
+  loggers = [logging.getLogger(name) for name in ("absl", "tensorflow_datasets")]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.ERROR)
+  tfds.disable_progress_bar()
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.enable_progress_bar()
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
