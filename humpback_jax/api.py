@@ -51,7 +51,8 @@ def load_weights(path: Path, layout: sharding.Layout, *, fmt: str = "auto", dtyp
     cfg = meta["model"]
     _set_dtype(cfg, dtype)
     params = model_dir.restore_params(path, cfg, layout)
-    tok = tokenizer_lib.load_tokenizer(path / meta["tokenizer"]) if meta.get("tokenizer") else None
+    tok_file = model_dir.tokenizer_path(path, meta)
+    tok = tokenizer_lib.load_tokenizer(tok_file) if tok_file else None
     return cfg, params, tok, meta.get("chat_template") or LLAMA2_INST
   if fmt == "hf":
     cfg = hf.read_config(path)

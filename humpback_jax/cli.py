@@ -6,15 +6,24 @@
   humpback pipeline --config=configs/toy.py --workdir=runs/toy [--from=STAGE] [--until=STAGE]
   humpback eval-generate --checkpoint=DIR --prompts=alpaca_eval.json --output=model_outputs.json
   humpback plan --config=configs/llama.py:variant=65b,mesh=fsdp --devices=64 [--device-gib=80]
+
+Every command that writes a workdir (train, generate's --output, pipeline) holds it alone: a second
+run on it stops at once naming the holder. A failure prints one line naming the file and what to do;
+--verbose adds the traceback (and third-party output: tfds, absl).
+
+exit codes: 0 success; 1 plan: does not fit; 2 usage, config or input error; 3 workdir in use by
+another run; 4 file-system error (missing, not a folder, not writable, disk full); 5 training
+stopped (loss diverged, or SIGTERM saved a checkpoint: rerun to resume); 70 internal error.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from humpback_jax.errors import ConfigError, DataError
+from humpback_jax import user_errors
 
 
 def _config(args, overrides):
@@ -51,8 +60,8 @@ def _tokenizer_file(src: Path, tok):
     if (src / name).exists():
       return src / name
   if (src / "model.json").exists():
-    meta = json.loads((src / "model.json").read_text())
-    return src / meta["tokenizer"] if meta.get("tokenizer") else None
+    from humpback_jax.checkpoints import model_dir
+    return model_dir.tokenizer_path(src, model_dir.read_meta(src))
   return None
 
 
@@ -84,34 +93,43 @@ def cmd_train(args, overrides):
 
 def cmd_generate(args, overrides):
   import jax
-  from humpback_jax import api, distributed, generate, shards
-  from humpback_jax.data.jsonl import read_jsonl
+  from humpback_jax import api, distributed, shards
+  from humpback_jax.data import prompt_file
+  from humpback_jax.method import engines
   cfg = _config(args, overrides)
+  records = prompt_file.read_prompts(args.input, args.field)  # every input checked before any model runs
   layout = _layout(cfg)
   model = api.load(args.checkpoint, layout=layout)
-  records = [dict(r, id=str(r.get("id", line))) for line, r in read_jsonl(args.input, [args.field])]
-  g = cfg.generate
-  engine = generate.process_local_engine(model.cfg, model.params, layout, prompt_buckets=tuple(g.prompt_buckets),
-                           batch_size=g.batch_size, too_long=g.too_long, on_empty="skip")
-  sampling = generate.SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                     max_new_tokens=g.max_new_tokens, seed=g.seed)
+  engine = engines.engine(cfg, model.cfg, model.params, layout)
+  sampling = engines.sampling(cfg)
   offsets = {r["id"]: i for i, r in enumerate(records)}
   tok = model.tokenizer
+  limit = model.cfg.max_seq_len - sampling.max_new_tokens
 
   def work(batch):
-    texts = [model.render(r[args.field]) if args.chat else r[args.field] for r in batch]
-    outs = engine.generate_ids([tok.encode_prompt(t) for t in texts], sampling,
-                               eos_ids=[tok.eos_id], index_offset=offsets[batch[0]["id"]])
-    return [dict(id=r["id"], output=tok.decode(o) if o is not None else None) for r, o in zip(batch, outs)]
+    live = [r for r in batch if r[args.field].strip()]  # empty is judged on the user's text, not the template's
+    ids = {r["id"]: tok.encode_prompt(model.render(r[args.field]) if args.chat else r[args.field]) for r in live}
+    outs = dict(zip(ids, engine.generate_ids(list(ids.values()), sampling, eos_ids=[tok.eos_id],
+                                             index_offset=offsets[batch[0]["id"]])))
+    rows = []
+    for r in batch:
+      out = outs.get(r["id"])
+      status = ("skipped_empty" if r["id"] not in ids else "skipped_too_long" if out is None else
+                "truncated" if len(ids[r["id"]]) > limit else "ok")
+      rows.append(dict(id=r["id"], output=tok.decode(out) if out is not None else None, status=status))
+    return rows
 
   out = Path(args.output)
-  timing = shards.run(records, work, out / "shards", shard_size=g.shard_size,
+  timing = shards.run(records, work, out / "shards", shard_size=cfg.generate.shard_size,
                       process_index=jax.process_index(), process_count=jax.process_count(), desc="generate")
   distributed.barrier("generate_shards")  # process 0 merges every process's shards
+  summary = dict(records=len(records))
   if jax.process_index() == 0:
     merged = shards.merge(out / "shards", [r["id"] for r in records])
     shards.write_atomic(out / "outputs.jsonl", merged)
-  print(json.dumps(dict(records=len(records), **timing, tokens_per_s=engine.stats.tokens_per_second,
+    for status in ("ok", "truncated", "skipped_too_long", "skipped_empty"):
+      summary[status] = sum(r.get("status") == status for r in merged)
+  print(json.dumps(dict(summary, **timing, tokens_per_s=engine.stats.tokens_per_second,
                         compiles=engine.stats.compiles, padding_share=engine.stats.padding_share)))
 
 
@@ -143,47 +161,58 @@ def cmd_plan(args, overrides):
 def build_parser() -> argparse.ArgumentParser:
   """The argument parser of every subcommand."""
   p = argparse.ArgumentParser(prog="humpback", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--verbose", action="store_true",
+                      help="also show third-party output (tfds, absl) and, on failure, the traceback")
   sub = p.add_subparsers(dest="command", required=True)
-  c = sub.add_parser("convert", help="convert between HF, GGUF and our checkpoint")
+  add = lambda name, **kw: sub.add_parser(name, parents=[common], **kw)
+  c = add("convert", help="convert between HF, GGUF and our checkpoint")
   c.add_argument("src")
   c.add_argument("dst")
   c.add_argument("--from", default="auto", choices=["auto", "hf", "gguf", "ours"])
   c.add_argument("--to", default="ours", choices=["ours", "hf"])
-  t = sub.add_parser("train", help="fine-tune on instruction pairs")
+  t = add("train", help="fine-tune on instruction pairs")
   t.add_argument("--config", required=True)
   t.add_argument("--workdir", required=True)
   t.add_argument("--data", default=None, help="pairs JSONL or OASST export (default: config.data.seed_path)")
-  g = sub.add_parser("generate", help="generate for every record of a JSONL file, resumably")
+  g = add("generate", help="generate for every record of a JSONL file, resumably")
   g.add_argument("--config", required=True)
   g.add_argument("--checkpoint", required=True)
   g.add_argument("--input", required=True)
   g.add_argument("--output", required=True)
   g.add_argument("--field", default="prompt")
   g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-  r = sub.add_parser("pipeline", help="run the whole method")
+  r = add("pipeline", help="run the whole method")
   r.add_argument("--config", required=True)
   r.add_argument("--workdir", required=True)
   r.add_argument("--from", default=None)
   r.add_argument("--until", default=None)
-  e = sub.add_parser("eval-generate", help="AlpacaEval model_outputs.json for a checkpoint")
+  e = add("eval-generate", help="AlpacaEval model_outputs.json for a checkpoint")
   e.add_argument("--checkpoint", required=True)
   e.add_argument("--prompts", required=True)
   e.add_argument("--output", required=True)
   e.add_argument("--config", default=None)
   e.add_argument("--generator", default=None)
   e.add_argument("--limit", type=int, default=None)
-  pl = sub.add_parser("plan", help="per-device memory of a job, from shapes alone; exit 1 if it does not fit")
+  pl = add("plan", help="per-device memory of a job, from shapes alone; exit 1 if it does not fit")
   pl.add_argument("--config", required=True)
-  pl.add_argument("--devices", type=int, required=True)
+  pl.add_argument("--devices", type=_positive_int, required=True)
   pl.add_argument("--device-gib", type=float, default=80.0)
   pl.add_argument("--mode", choices=["train", "generate"], default="train")
-  for command in sub.choices.values():
-    command.add_argument("--verbose", action="store_true", help="also show third-party output (tfds, absl)")
   return p
+
+
+def _positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value
 
 
 COMMANDS = {"convert": cmd_convert, "train": cmd_train, "generate": cmd_generate, "pipeline": cmd_pipeline,
             "eval-generate": cmd_eval_generate, "plan": cmd_plan}
+# The folder each command writes, held by one run at a time (humpback_jax/workdir_lock.py).
+WRITES = {"train": "workdir", "pipeline": "workdir", "generate": "output"}
 
 
 def _shutdown_together() -> None:
@@ -196,9 +225,27 @@ def _shutdown_together() -> None:
     jax.distributed.shutdown()
 
 
+def _run(args, overrides) -> None:
+  """Runs one command, holding the folder it writes for the whole run."""
+  if args.command == "plan":
+    return COMMANDS[args.command](args, overrides)
+  import jax
+  from humpback_jax import distributed, workdir_lock
+  distributed.initialize()
+  folder = getattr(args, WRITES[args.command]) if args.command in WRITES else None
+  if folder is None:
+    COMMANDS[args.command](args, overrides)
+  else:
+    with workdir_lock.hold(Path(folder), " ".join(["humpback", args.command, f"{WRITES[args.command]}={folder}"]),
+                           process_index=jax.process_index(), process_count=jax.process_count()):
+      COMMANDS[args.command](args, overrides)
+  _shutdown_together()
+
+
 def main(argv=None) -> int:
-  """Entry point of the `humpback` console command."""
-  if argv is None:  # the console command itself: restart once with the malloc settings
+  """Entry point of the `humpback` console command; returns the exit code (see the module doc)."""
+  console = argv is None
+  if console:  # the console command itself: restart once with the malloc settings
     from humpback_jax import malloc_env
     malloc_env.restart_with_settings()
   args, rest = build_parser().parse_known_args(argv)
@@ -206,19 +253,23 @@ def main(argv=None) -> int:
   unknown = [a for a in rest if not a.startswith("--config.")]
   if unknown:
     print(f"humpback {args.command}: unknown arguments {unknown}", file=sys.stderr)
-    return 2
+    return user_errors.BAD_INPUT
   from humpback_jax import quiet
   quiet.configure(args.verbose)
   try:
-    if args.command != "plan":
-      from humpback_jax import distributed
-      distributed.initialize()
-    COMMANDS[args.command](args, overrides)
-    _shutdown_together()
-  except (ConfigError, DataError) as e:
-    print(f"humpback {args.command}: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+    _run(args, overrides)
+  except Exception as e:  # every failure becomes one line (and an exit code), never a raw traceback
+    where = getattr(args, "workdir", None) or getattr(args, "output", None) or ""
+    code, message = user_errors.describe(e, where)
+    if args.verbose:
+      import traceback
+      traceback.print_exc()
+    print(f"humpback {args.command}: error: {message}", file=sys.stderr, flush=True)
+    if console:  # threads (orbax's async savers, the coordination client) must not keep a failed run alive
+      sys.stdout.flush()
+      os._exit(code)
+    return code
+  return user_errors.OK
 
 
 if __name__ == "__main__":

@@ -14,3 +14,19 @@ class DataError(ValueError):
     self.path = path
     self.line = line
     self.field = field
+
+
+class LockError(RuntimeError):
+  """Another run holds the workdir; the message names the holder (pid, host, start time)."""
+
+  def __init__(self, message: str, *, path=None):
+    super().__init__(message)
+    self.path = path
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class Preempted(RuntimeError):
+  """SIGTERM arrived; a checkpoint of the current step was saved before stopping."""

@@ -1,14 +1,21 @@
 """Exactly-once processing of a record stream in shards: resumable, multi-host, atomic.
 
 Records are cut into fixed shards by input order (shard k = records[k*S : (k+1)*S]). A shard's
-output is written to a temp file and renamed into place only when complete, so a killed run
-leaves either a whole shard or nothing. A rerun skips finished shards; process p of P takes the
-shards with k % P == p. `merge` checks that every input id appears exactly once.
+output is written to a temp file and renamed into place only when complete, then its record
+count and sha256 are written beside it (`part-k.done.json`). A shard is done only when its file
+matches that record, so a killed, torn or edited shard is redone, never trusted. A rerun skips
+done shards; process p of P takes the shards with k % P == p. `merge` checks every shard against
+its record and that every input id appears exactly once.
+
+Records are dicts or dataclasses with an `id`; results are written as JSON objects.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -23,15 +30,63 @@ def shard_path(out_dir: Path, k: int) -> Path:
   return Path(out_dir) / f"part-{k:05d}.jsonl"
 
 
+def done_path(out_dir: Path, k: int) -> Path:
+  """The record of shard k's count and sha256, written after the shard itself."""
+  return Path(out_dir) / f"part-{k:05d}.done.json"
+
+
+def digest(path: Path) -> dict:
+  """{"records": non-blank lines, "sha256": hex} of a JSONL file."""
+  h, records = hashlib.sha256(), 0
+  with open(path, "rb") as f:
+    for line in f:
+      h.update(line)
+      records += bool(line.strip())
+  return dict(records=records, sha256=h.hexdigest())
+
+
+def shard_problem(out_dir: Path, k: int) -> str | None:
+  """Why shard k is not done (missing, unrecorded, or differing from its record); None when done."""
+  path, done = shard_path(out_dir, k), done_path(out_dir, k)
+  if not path.exists():
+    return "missing"
+  try:
+    recorded = json.loads(done.read_text())
+  except (OSError, ValueError):
+    return f"{done.name} is missing or unreadable"
+  found = digest(path)
+  if found != {key: recorded.get(key) for key in found}:
+    return (f"has {found['records']} records (sha256 {found['sha256'][:12]}), its writer recorded "
+            f"{recorded.get('records')} (sha256 {str(recorded.get('sha256'))[:12]})")
+  return None
+
+
 def pending_shards(num_records: int, shard_size: int, out_dir: Path, process_index: int = 0,
                    process_count: int = 1) -> list[int]:
-  """Shards of this process that have no complete output file yet."""
+  """Shards of this process that are not done; an existing shard that differs from its record is
+  named on stderr and redone."""
   num_shards = -(-num_records // shard_size)
-  return [k for k in range(num_shards)
-          if k % process_count == process_index and not shard_path(out_dir, k).exists()]
+  todo = []
+  for k in range(num_shards):
+    if k % process_count != process_index:
+      continue
+    problem = shard_problem(out_dir, k)
+    if problem is not None:
+      if problem != "missing":
+        print(f"warning: {shard_path(out_dir, k)}: {problem}; redoing this shard", file=sys.stderr)
+      todo.append(k)
+  return todo
 
 
-def run(records: Sequence[dict], process: Callable[[list[dict]], list[dict]], out_dir: Path, *,
+def _id(record) -> str:
+  return record["id"] if isinstance(record, dict) else record.id
+
+
+def _as_dict(record) -> dict:
+  return record if isinstance(record, dict) else dataclasses.asdict(record)
+
+
+def run(records: Sequence, process: Callable[[list], list], out_dir: Path, *,
         shard_size: int, process_index: int = 0, process_count: int = 1, desc: str = "shards",
         progress: bool = True) -> dict:
   """Applies `process` (a batch of records -> one result per record, same order) shard by shard.
@@ -47,9 +102,10 @@ def run(records: Sequence[dict], process: Callable[[list[dict]], list[dict]], ou
   for k in todo:
     batch = list(records[k * shard_size:(k + 1) * shard_size])
     results = process(batch)
-    if [r["id"] for r in results] != [r["id"] for r in batch]:
+    if [_id(r) for r in results] != [_id(r) for r in batch]:
       raise RuntimeError(f"shard {k}: results do not match the input ids one to one")
-    write_atomic(shard_path(out_dir, k), results)
+    write_atomic(shard_path(out_dir, k), [_as_dict(r) for r in results])
+    write_json_atomic(done_path(out_dir, k), digest(shard_path(out_dir, k)))
     written += len(results)
     bar.update(1)
   bar.close()
@@ -82,11 +138,20 @@ def _write_then_rename(path: Path, write) -> None:
 
 
 def merge(out_dir: Path, expected_ids: Sequence[str]) -> list[dict]:
-  """All shard results in input order; fails naming an id that is missing or duplicated."""
+  """All shard results in input order; fails naming a shard that differs from its record, or an id
+  that is missing or duplicated."""
   rows, seen = [], set()
   for path in sorted(Path(out_dir).glob("part-*.jsonl")):
+    k = int(path.stem.removeprefix("part-"))
+    problem = shard_problem(out_dir, k)
+    if problem is not None:
+      raise DataError(f"{path}: {problem}; delete it and rerun to redo this shard", path=path)
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-      row = json.loads(line)
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{line_no}: not a complete JSON record ({e}); delete the shard and rerun",
+                        path=path, line=line_no) from None
       if row["id"] in seen:
         raise DataError(f"{path}:{line_no}: id {row['id']!r} appears twice", path=path, line=line_no, field="id")
       seen.add(row["id"])

@@ -7,6 +7,7 @@ produces exactly the losses the uninterrupted run would have.
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -15,15 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from humpback_jax import metrics_log, sharding, train
-
-
-class TrainingDiverged(RuntimeError):
-  """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
-
-
-class Preempted(RuntimeError):
-  """SIGTERM arrived; a checkpoint of the current step was saved before stopping."""
+from humpback_jax import distributed, metrics_log, sharding, train
+from humpback_jax.errors import DataError, Preempted, TrainingDiverged
 
 
 class _SigtermFlag:
@@ -122,15 +116,41 @@ def _save_args(state, loader):
 
 
 def _restore_or_init(manager, fns, loader, init_params):
-  latest = manager.latest_step()
-  if latest is None:
+  """Resumes from the newest checkpoint that restores; one that does not is set aside (named on
+  stderr) and the previous complete one is tried, so a corrupt newest checkpoint costs only steps."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
     return fns.init(init_params()), 0
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           _abstract_state(fns), fns.state_shardings)
-  restored = manager.restore(latest, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
-  loader.set_state(restored["loader"])
-  return restored["state"], int(latest)
+  for step in steps:
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax and tensorstore raise many types for a damaged checkpoint
+      aside = _set_aside(Path(manager.directory), step)
+      print(f"warning: checkpoint {manager.directory}/{step} does not restore ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]}); moved to {aside}, falling back to the previous one",
+            file=sys.stderr, flush=True)
+      manager.reload()
+      continue
+    if step != steps[0]:
+      print(f"resumed from checkpoint {manager.directory}/{step}, the newest one that restores", file=sys.stderr)
+    loader.set_state(restored["loader"])
+    return restored["state"], int(step)
+  raise DataError(f"{manager.directory}: none of the checkpoints {steps} restores (they were moved to "
+                  f"{Path(manager.directory).parent / 'checkpoints.corrupt'}); delete the stage folder to "
+                  "train this stage from the start", path=manager.directory)
+
+
+def _set_aside(directory: Path, step: int) -> Path:
+  """Moves a damaged checkpoint out of the manager's folder (kept for inspection, never reused)."""
+  aside = directory.parent / "checkpoints.corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+  if jax.process_index() == 0:
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    (directory / str(step)).rename(aside)
+  distributed.barrier(f"set_aside:{directory}:{step}")
+  return aside
 
 
 def _abstract_state(fns):

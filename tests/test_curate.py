@@ -9,6 +9,7 @@ from humpback_jax.data import sft
 from humpback_jax.errors import ConfigError
 from humpback_jax import prompts
 from humpback_jax.method import curate
+from humpback_jax.method.artifacts import Score
 from humpback_jax.tokenizer import CHATML, LLAMA2_INST, load_tokenizer
 
 TOY_TOKENIZER = Path(__file__).resolve().parents[1] / "humpback_jax" / "assets" / "toy" / "tokenizer.model"
@@ -18,9 +19,10 @@ TOY_TOKENIZER = Path(__file__).resolve().parents[1] / "humpback_jax" / "assets" 
 def toy_tokenizer():
   return load_tokenizer(TOY_TOKENIZER)
 
-SCORED = [dict(id="a", score=5, expected_score=2.50), dict(id="b", score=4, expected_score=2.41),
-          dict(id="c", score=4, expected_score=2.47), dict(id="d", score=None, expected_score=None),
-          dict(id="e", score=2, expected_score=2.38)]
+
+SCORED = [Score(id="a", score=5, expected_score=2.50), Score(id="b", score=4, expected_score=2.41),
+          Score(id="c", score=4, expected_score=2.47), Score(id="d", score=None, expected_score=None),
+          Score(id="e", score=2, expected_score=2.38)]
 
 
 def test_the_paper_threshold_keeps_every_score_at_or_above_k():

@@ -9,6 +9,7 @@ import pytest
 from humpback_jax import api, generate
 from humpback_jax.assets_fetch import smollm2_gguf_path
 from humpback_jax.method import curate
+from humpback_jax.method.artifacts import Candidate
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]  # ~150 s on 2 cores: full run only
 SEED = Path(__file__).resolve().parents[1] / "humpback_jax" / "assets" / "toy" / "seed.jsonl"
@@ -27,12 +28,12 @@ def test_matched_pairs_score_higher_than_shuffled_pairs():
   rows = [json.loads(line) for line in SEED.read_text().splitlines()[:N]]
   for r in rows:
     r["output"] = r["output"][:300]
-  matched = [dict(id=f"m{i}", instruction=r["instruction"], output=r["output"]) for i, r in enumerate(rows)]
-  shuffled = [dict(id=f"s{i}", instruction=r["instruction"], output=rows[(i + N // 2) % N]["output"])
+  matched = [Candidate(id=f"m{i}", instruction=r["instruction"], output=r["output"]) for i, r in enumerate(rows)]
+  shuffled = [Candidate(id=f"s{i}", instruction=r["instruction"], output=rows[(i + N // 2) % N]["output"])
               for i, r in enumerate(rows)]
   engine = generate.Engine(model.cfg, model.params, model.layout, prompt_buckets=(512, 1024), batch_size=8)
   scored = curate.score_candidates_by_expectation(engine, model.tokenizer, cfg, matched + shuffled)
-  expected = np.array([s["expected_score"] for s in scored])
+  expected = np.array([s.expected_score for s in scored])
   assert np.all((expected >= 1) & (expected <= 5))
   value = auc(expected[:N], expected[N:])
   print(f"expected-score AUC matched vs shuffled (SmolLM2-135M, {N} pairs): {value:.3f}; "

@@ -51,11 +51,28 @@ def test_partial_temp_files_are_never_read(tmp_path):
 
 
 def test_merge_names_a_duplicated_id(tmp_path):
-  shards.run(records(10), double, tmp_path, shard_size=5, progress=False)
-  with open(tmp_path / "part-00001.jsonl", "a") as f:
-    f.write(json.dumps(dict(id="r0", y=0)) + "\n")
-  with pytest.raises(DataError, match=r"part-00001.jsonl:6: id 'r0' appears twice"):
+  inputs = records(10) + [dict(id="r0", x=0)]
+  shards.run(inputs, double, tmp_path, shard_size=5, progress=False)
+  with pytest.raises(DataError, match=r"part-00002.jsonl:1: id 'r0' appears twice"):
     shards.merge(tmp_path, [r["id"] for r in records(10)])
+
+
+def test_a_shard_edited_after_it_was_written_is_redone_not_trusted(tmp_path, capsys):
+  shards.run(records(10), double, tmp_path, shard_size=5, progress=False)
+  lines = (tmp_path / "part-00001.jsonl").read_text().splitlines()
+  (tmp_path / "part-00001.jsonl").write_text("\n".join(lines[:3]) + "\n")  # shortened from 5 to 3 records
+  with pytest.raises(DataError, match=r"part-00001.jsonl: has 3 records .*its writer recorded 5"):
+    shards.merge(tmp_path, [r["id"] for r in records(10)])
+  stats = shards.run(records(10), double, tmp_path, shard_size=5, progress=False)
+  assert (stats["shards_skipped"], stats["shards_written"]) == (1, 1)
+  assert "part-00001.jsonl: has 3 records" in capsys.readouterr().err
+  assert len(shards.merge(tmp_path, [r["id"] for r in records(10)])) == 10
+
+
+def test_a_shard_without_its_record_is_not_done(tmp_path):
+  shards.run(records(10), double, tmp_path, shard_size=5, progress=False)
+  (tmp_path / "part-00000.done.json").unlink()  # killed between writing the shard and its record
+  assert shards.pending_shards(10, 5, tmp_path) == [0]
 
 
 def test_merge_names_missing_ids(tmp_path):
@@ -78,14 +95,15 @@ def test_a_full_disk_while_writing_a_shard_keeps_the_finished_ones_and_leaves_no
 
   def disk_fills_on_the_third_shard(fd):
     calls.append(fd)
-    if len(calls) == 3:
+    if len(calls) == 5:  # two fsyncs per shard (its file, then its record): the third shard's file
       raise OSError(errno.ENOSPC, "No space left on device")
     real_fsync(fd)
 
   monkeypatch.setattr(os, "fsync", disk_fills_on_the_third_shard)
   with pytest.raises(OSError, match="No space left"):
     shards.run(records(23), double, tmp_path, shard_size=5, progress=False)
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.jsonl", "part-00001.jsonl"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.done.json", "part-00000.jsonl",
+                                                        "part-00001.done.json", "part-00001.jsonl"]
   monkeypatch.setattr(os, "fsync", real_fsync)  # space freed: the rerun finishes the rest
   stats = shards.run(records(23), double, tmp_path, shard_size=5, progress=False)
   assert (stats["shards_skipped"], stats["shards_written"]) == (2, 3)

@@ -13,7 +13,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from humpback_jax.checkpoints import hf
+from humpback_jax.checkpoints import hf, weights_check
 from humpback_jax.config import head_dim, model_config
 from humpback_jax.errors import DataError
 from humpback_jax.model.llama import rope_frequencies
@@ -56,12 +56,27 @@ def open_reader(path) -> gguf.GGUFReader:
   path = Path(path)
   if not path.is_file():
     raise DataError(f"{path}: GGUF file not found", path=path)
-  reader = gguf.GGUFReader(path)
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:  # the reader raises IndexError, ValueError or struct errors on a cut file
+    raise DataError(f"{path}: truncated or malformed GGUF ({path.stat().st_size} bytes; the reader stopped with "
+                    f"{type(e).__name__}: {e}); download the file again", path=path) from None
+  _check_tensor_extents(path, reader)
   arch = _field(reader, path, "general.architecture")
   if arch != "llama":
     raise DataError(f"{path}: general.architecture is {arch!r}; only 'llama' GGUF files can be imported",
                     path=path, field="general.architecture")
   return reader
+
+
+def _check_tensor_extents(path: Path, reader) -> None:
+  """Every tensor's bytes lie inside the file; names the first one that runs past its end."""
+  size = path.stat().st_size
+  for t in reader.tensors:
+    end = int(t.data_offset) + int(t.n_bytes)
+    if end > size:
+      raise DataError(f"{path}: tensor {t.name!r} needs bytes {t.data_offset}..{end} but the file ends at "
+                      f"{size}; the file is truncated, download it again", path=path, field=t.name)
 
 
 def read_config(path, reader: gguf.GGUFReader | None = None):
@@ -94,9 +109,14 @@ def read_config(path, reader: gguf.GGUFReader | None = None):
 
 
 def load_params(path, cfg, layout, dtype=None, reader: gguf.GGUFReader | None = None):
-  """Imports GGUF weights onto `layout`, dequantising one tensor at a time; returns our nested params."""
+  """Imports GGUF weights onto `layout`, dequantising one tensor at a time, after checking every
+  tensor's name and shape against the metadata; returns our nested params."""
   reader = open_reader(path) if reader is None else reader
   tensors = {t.name: t for t in reader.tensors}
+  expected = {gguf_name(p): (p, shape) for p, shape in
+              weights_check.hf_shapes(cfg, weights_check.per_layer_paths(cfg)).values()}
+  weights_check.check(str(path), "the GGUF metadata", cfg, {n: tuple(reversed(t.shape.tolist())) for n, t in tensors.items()},
+                      expected, weights_check.GGUF_FIELDS, ignore=lambda name: name == "rope_freqs.weight")
 
   def get_hf_tensor(our_path):
     name = gguf_name(our_path)

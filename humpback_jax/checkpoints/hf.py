@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from humpback_jax import sharding
-from humpback_jax.checkpoints import safetensors_io
+from humpback_jax.checkpoints import safetensors_io, weights_check
 from humpback_jax.config import from_hf_config, head_dim, to_hf_config
 from humpback_jax.errors import DataError
 from humpback_jax.model import build
@@ -107,7 +107,7 @@ def open_hf_tensors(folder: Path) -> dict[str, np.ndarray]:
   """Memory-mapped HF tensors by name, across a single file or a sharded index."""
   folder = Path(folder)
   index = folder / "model.safetensors.index.json"
-  files = (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+  files = (sorted({confined(folder, f, index) for f in _weight_map(index).values()})
            if index.exists() else sorted(folder.glob("*.safetensors")))
   if not files:
     raise DataError(f"{folder}: no *.safetensors files found", path=folder)
@@ -117,9 +117,32 @@ def open_hf_tensors(folder: Path) -> dict[str, np.ndarray]:
   return tensors
 
 
+def _weight_map(index: Path) -> dict:
+  try:
+    weight_map = json.loads(index.read_text())["weight_map"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise DataError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); it needs a 'weight_map' object",
+                    path=index) from None
+  if not isinstance(weight_map, dict):
+    raise DataError(f"{index}: 'weight_map' must map tensor names to file names", path=index, field="weight_map")
+  return weight_map
+
+
+def confined(folder: Path, name, source: Path) -> Path:
+  """`folder / name` for a file name read from `source`; DataError if it would leave `folder`."""
+  path = (Path(folder) / str(name)).resolve()
+  if not isinstance(name, str) or Path(name).is_absolute() or not path.is_relative_to(Path(folder).resolve()):
+    raise DataError(f"{source}: path {name!r} points outside {folder}; a checkpoint may only name its own files",
+                    path=source)
+  return path
+
+
 def load_params(folder: Path, cfg, layout: sharding.Layout, dtype=None):
-  """Imports HF weights onto `layout`, tensor by tensor; returns our nested params dict."""
+  """Imports HF weights onto `layout`, tensor by tensor, after checking every tensor's name and shape
+  against config.json; returns our nested params dict."""
   tensors = open_hf_tensors(folder)
+  weights_check.check(str(folder), "config.json", cfg, {n: t.shape for n, t in tensors.items()},
+                      weights_check.hf_shapes(cfg, weights_check.per_layer_paths(cfg)), weights_check.HF_FIELDS)
   return place(lambda path: tensors.get(hf_name(path)), cfg, layout, dtype, source=str(folder))
 
 

@@ -62,8 +62,44 @@ def read_meta(path: Path) -> dict:
   return meta
 
 
+def tokenizer_path(path: Path, meta: dict) -> Path | None:
+  """The checkpoint's tokenizer file named in model.json, which must lie inside the checkpoint."""
+  name = meta.get("tokenizer")
+  if not name:
+    return None
+  folder = Path(path).resolve()
+  file = (folder / str(name)).resolve()
+  if not isinstance(name, str) or Path(name).is_absolute() or not file.is_relative_to(folder):
+    raise DataError(f"{Path(path) / MODEL_JSON}: field 'tokenizer' ({name!r}) points outside the checkpoint "
+                    "folder; it must name a file inside it", path=Path(path) / MODEL_JSON, field="tokenizer")
+  return file
+
+
+def check_params(path: Path, model_cfg) -> None:
+  """Every saved tensor's name and shape against model.json's config (from orbax's metadata, no restore)."""
+  from humpback_jax.checkpoints import hf, weights_check
+  params = Path(path).absolute() / "params"
+  try:
+    saved = ocp.StandardCheckpointer().metadata(params).item_metadata
+  except Exception as e:  # orbax raises several types for a missing or damaged folder
+    raise DataError(f"{params}: cannot read the saved parameters' metadata ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:200]}); the checkpoint is damaged", path=params) from None
+  found = {name: tuple(m.shape) for name, m in hf.flatten(_as_dict(saved)).items()}
+  expected = {name: (name, tuple(s.shape)) for name, s in hf.flatten(build.abstract_params(model_cfg)).items()}
+  weights_check.check(str(params), str(Path(path) / MODEL_JSON), model_cfg, found, expected, weights_check.OURS_FIELDS)
+
+
+def _as_dict(tree):
+  """Orbax metadata trees (string keys) as nested dicts with the keys our params use."""
+  if hasattr(tree, "items"):
+    return {str(k): _as_dict(v) for k, v in tree.items()}
+  return tree
+
+
 def restore_params(path: Path, model_cfg, layout: sharding.Layout):
-  """Restores params straight into the shardings of `layout` (any mesh, not only the saving one)."""
+  """Restores params straight into the shardings of `layout` (any mesh, not only the saving one),
+  after checking every saved tensor against the config."""
+  check_params(path, model_cfg)
   shardings = build.param_shardings(model_cfg, layout)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           build.abstract_params(model_cfg), shardings)

@@ -16,6 +16,7 @@ import numpy as np
 from humpback_jax import generate
 from humpback_jax.errors import ConfigError
 from humpback_jax import prompts
+from humpback_jax.method.artifacts import Candidate, Score
 from humpback_jax.method.score_parser import parse_score
 from humpback_jax.tokenizer import render_chat
 
@@ -27,17 +28,17 @@ def judge_turn(cfg, instruction: str, response: str) -> str:
   return render_chat(cfg.tokenizer.chat_template, prompts.curation_prompt(instruction, response))
 
 
-def score_candidates_by_generation(engine, tokenizer, cfg, rows: list[dict], index_offset: int) -> list[dict]:
+def score_candidates_by_generation(engine, tokenizer, cfg, rows: list[Candidate], index_offset: int) -> list[Score]:
   """Paper mode: judge text + parsed score (None when unparsable) per candidate."""
   c = cfg.pipeline
-  ids = [tokenizer.encode_prompt(judge_turn(cfg, r["instruction"], r["output"])) for r in rows]
+  ids = [tokenizer.encode_prompt(judge_turn(cfg, r.instruction, r.output)) for r in rows]
   sampling = generate.SamplingParams(temperature=c.judge_temperature, top_p=cfg.generate.top_p, top_k=0,
                                      max_new_tokens=c.judge_max_new_tokens, seed=cfg.generate.seed)
   outs = engine.generate_ids(ids, sampling, eos_ids=[tokenizer.eos_id], index_offset=index_offset)
   result = []
   for r, out in zip(rows, outs):
     text = tokenizer.decode(out) if out is not None else None
-    result.append(dict(id=r["id"], score=parse_score(text) if text is not None else None, judge_output=text))
+    result.append(Score(id=r.id, score=parse_score(text) if text is not None else None, judge_output=text))
   return result
 
 
@@ -59,11 +60,11 @@ def score_prompt_and_candidates(tokenizer, prompt_text: str) -> tuple[list[int],
   return tokenizer.encode_prompt(prompt_text) + answers[0][:n], candidates
 
 
-def score_candidates_by_expectation(engine, tokenizer, cfg, rows: list[dict]) -> list[dict]:
+def score_candidates_by_expectation(engine, tokenizer, cfg, rows: list[Candidate]) -> list[Score]:
   """Expected-score mode: E[score] and argmax from p("1".."5" | prompt, "Score:"), renormalised."""
   prompt_ids, candidates = [], None
   for r in rows:
-    ids, cand = score_prompt_and_candidates(tokenizer, judge_turn(cfg, r["instruction"], r["output"]))
+    ids, cand = score_prompt_and_candidates(tokenizer, judge_turn(cfg, r.instruction, r.output))
     prompt_ids.append(ids)
     candidates = cand
   if not rows:
@@ -72,12 +73,12 @@ def score_candidates_by_expectation(engine, tokenizer, cfg, rows: list[dict]) ->
   result = []
   for r, p in zip(rows, probs):
     if np.isnan(p).any():
-      result.append(dict(id=r["id"], score=None, expected_score=None, probs=None))
+      result.append(Score(id=r.id, score=None))
       continue
     mass = float(p.sum())
     q = p / mass
-    result.append(dict(id=r["id"], expected_score=float(np.dot(q, np.arange(1, 6))),
-                       score=int(np.argmax(q)) + 1, score_mass=mass, probs=[float(x) for x in q]))
+    result.append(Score(id=r.id, expected_score=float(np.dot(q, np.arange(1, 6))),
+                        score=int(np.argmax(q)) + 1, score_mass=mass, probs=[float(x) for x in q]))
   return result
 
 
@@ -85,19 +86,19 @@ def _score_key(mode: str) -> str:
   return "expected_score" if mode == "expected" else "score"
 
 
-def threshold(scored: list[dict], k: float, mode: str, keep_top_fraction: float = 1.0) -> float:
+def threshold(scored: list[Score], k: float, mode: str, keep_top_fraction: float = 1.0) -> float:
   """The score a candidate needs: k, raised to the score of the best `keep_top_fraction` of the scored
   candidates when that is higher (ties at the cut are all kept). 1.0 is the paper's absolute k."""
   if not 0 < keep_top_fraction <= 1:
     raise ConfigError(f"pipeline.keep_top_fraction: must be in (0, 1], got {keep_top_fraction}")
   key = _score_key(mode)
-  values = sorted((s[key] for s in scored if s.get(key) is not None), reverse=True)
+  values = sorted((getattr(s, key) for s in scored if getattr(s, key) is not None), reverse=True)
   if keep_top_fraction == 1 or not values:
     return k
   return max(k, values[math.ceil(keep_top_fraction * len(values)) - 1])
 
 
-def selected(scored: list[dict], k: float, mode: str) -> set[str]:
+def selected(scored: list[Score], k: float, mode: str) -> set[str]:
   """Ids kept at threshold k: score >= k (generate mode) or expected score >= k (expected mode)."""
   key = _score_key(mode)
-  return {s["id"] for s in scored if s.get(key) is not None and s[key] >= k}
+  return {s.id for s in scored if getattr(s, key) is not None and getattr(s, key) >= k}

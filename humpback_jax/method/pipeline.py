@@ -4,8 +4,10 @@ prepare_seed -> prepare_corpus -> [pretrain] -> train_backward -> augment -> tra
 -> train_m1 -> curate_m1 -> ... -> train_mT -> report
 
 Each stage writes into `workdir/<stage>/` and finishes by writing `manifest.json` (config hash,
-counts, timing). A rerun skips stages with a manifest, and a killed stage resumes from what it
-left: training from its last checkpoint, generation from its finished shards.
+counts, timing, each output's record count and sha256; see artifacts.py). A rerun skips stages
+with a manifest, a stage checks its inputs against their writers' manifests before using them,
+and a killed stage resumes from what it left: training from its last checkpoint, generation
+from its finished shards.
 """
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ from pathlib import Path
 
 import jax
 
-from humpback_jax import api, distributed, generate, prompts, shards
+from humpback_jax import api, distributed, prompts, shards
 from humpback_jax import tokenizer as tokenizer_lib
 from humpback_jax.checkpoints import model_dir
 from humpback_jax.errors import ConfigError
-from humpback_jax.method import backtranslate, curate, finetune, report, sources
+from humpback_jax.method import artifacts, backtranslate, curate, engines, finetune, report, sources
+from humpback_jax.method.artifacts import Candidate, CuratedPair, SeedPair, Segment
 from humpback_jax.model import build
 
 
@@ -49,18 +52,19 @@ class Run:
 
   def __init__(self, cfg, workdir: Path, layout, progress: bool = True):
     self.cfg, self.workdir, self.layout, self.progress = cfg, Path(workdir), layout, progress
+    self.artifacts = artifacts.Workdir(self.workdir)
     self.tokenizer_path = Path(cfg.tokenizer.path or cfg.base.checkpoint)
     self.tokenizer = tokenizer_lib.load_tokenizer(self.tokenizer_path)
     self.hash = config_hash(cfg)
+    self._outputs: dict = {}
 
   # ------------------------------------------------------------------ bookkeeping
 
   def dir(self, stage: str) -> Path:
-    return self.workdir / stage
+    return self.artifacts.stage(stage)
 
   def manifest(self, stage: str) -> dict | None:
-    path = self.dir(stage) / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return self.artifacts.manifest(stage)
 
   def run(self, only: list[str] | None = None) -> None:
     """Runs the stages in `only` (default: all), skipping those already done."""
@@ -75,12 +79,17 @@ class Run:
       print(f"[{name}] running")
       self.dir(name).mkdir(parents=True, exist_ok=True)
       start = time.time()
+      self._outputs = {}
       counts = self._stage_fn(name)(name)
-      manifest = dict(stage=name, config_hash=self.hash, counts=counts,
-                      seconds=round(time.time() - start, 2), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
       if jax.process_index() == 0:
-        shards.write_json_atomic(self.dir(name) / "manifest.json", manifest)
-      print(f"[{name}] done in {manifest['seconds']} s: {json.dumps(counts)[:300]}")
+        artifacts.write_manifest(self.dir(name), stage=name, config_hash=self.hash, counts=counts,
+                                 outputs=self._outputs, seconds=time.time() - start)
+      print(f"[{name}] done in {round(time.time() - start, 2)} s: {json.dumps(counts)[:300]}")
+
+  def _write(self, stage: str, name: str, records) -> None:
+    """Writes one output of the running stage (process 0) and notes its digest for the manifest."""
+    if jax.process_index() == 0:
+      self._outputs[name] = artifacts.write_records(self.dir(stage) / name, records)
 
   def _stage_fn(self, name):
     for prefix in ("train_m", "curate_m"):
@@ -92,13 +101,15 @@ class Run:
 
   def _prepare_seed(self, name):
     rows, stats = sources.seed_pairs(self.cfg)
-    shards.write_atomic(self.dir(name) / "seed.jsonl", rows)
+    self._write(name, artifacts.SEED, [SeedPair(**r) for r in rows])
     sources.write_dataset(rows, self.workdir / "datasets", "seed", kind="pairs")
     return dict(seed_pairs=len(rows), **stats)
 
   def _prepare_corpus(self, name):
     report = sources.prepare_corpus_dataset(self.cfg, self.workdir / "datasets")
     distributed.barrier(f"{name}_dataset")  # augment reads it on every process
+    if jax.process_index() == 0:
+      self._outputs[artifacts.SEGMENTS] = artifacts.dataset_digest(self.workdir / "datasets", artifacts.SEGMENTS)
     return report
 
   # ------------------------------------------------------------------ model stages
@@ -111,25 +122,27 @@ class Run:
                            warmup_steps=p.warmup_steps, schedule=p.schedule, dropout_rate=0.0,
                            seq_len=p.seq_len)
     init = lambda: build.init_params(self.cfg.model, self.layout, seed=self.cfg.train.seed)
-    return finetune.run(cfg, self.layout, self.tokenizer, examples, init_params=init,
-                        workdir=self.dir(name), steps=p.steps, batch_size=p.batch_size,
-                        tokenizer_file=self.tokenizer_path, progress=self.progress)
+    summary = finetune.run(cfg, self.layout, self.tokenizer, examples, init_params=init,
+                           workdir=self.dir(name), steps=p.steps, batch_size=p.batch_size,
+                           tokenizer_file=self.tokenizer_path, progress=self.progress)
+    self._note_model(name)
+    return summary
 
   def _train_backward(self, name):
-    seed = sources.read_jsonl(self.dir("prepare_seed") / "seed.jsonl")
-    pairs = [finetune.Pair(prompts.backward_instruction(r["output"]), r["instruction"]) for r in seed]
+    seed = self.artifacts.read("prepare_seed", artifacts.SEED, SeedPair)
+    pairs = [finetune.Pair(prompts.backward_instruction(r.output), r.instruction) for r in seed]
     return self._finetune(name, pairs, self._base_params)
 
   def _train(self, name):
     t = int(name.removeprefix("train_m"))
-    seed = sources.read_jsonl(self.dir("prepare_seed") / "seed.jsonl")
+    seed = self.artifacts.read("prepare_seed", artifacts.SEED, SeedPair)
     c = self.cfg.pipeline
     if t == 0:
-      pairs = [finetune.Pair(r["instruction"], r["output"], c.seed_only_tags) for r in seed]
+      pairs = [finetune.Pair(r.instruction, r.output, c.seed_only_tags) for r in seed]
     else:
-      curated = sources.read_jsonl(self.dir(f"curate_m{t - 1}") / "curated.jsonl")
-      pairs = ([finetune.Pair(r["instruction"], r["output"], [prompts.SEED_TAG]) for r in seed] +
-               [finetune.Pair(r["instruction"], r["output"], [prompts.WEB_TAG]) for r in curated])
+      curated = self.artifacts.read(f"curate_m{t - 1}", artifacts.CURATED, CuratedPair)
+      pairs = ([finetune.Pair(r.instruction, r.output, [prompts.SEED_TAG]) for r in seed] +
+               [finetune.Pair(r.instruction, r.output, [prompts.WEB_TAG]) for r in curated])
     start = self._base_params if c.fresh_from_base or t == 0 else self._model_params(f"train_m{t - 1}")
     return self._finetune(name, pairs, start)
 
@@ -140,7 +153,12 @@ class Run:
     summary = finetune.run(self.cfg, self.layout, self.tokenizer, examples, init_params=init_params,
                            workdir=self.dir(name), steps=steps, batch_size=batch,
                            tokenizer_file=self.tokenizer_path, progress=self.progress)
+    self._note_model(name)
     return dict(pairs=len(pairs), tokenize=stats.as_dict(), **summary)
+
+  def _note_model(self, stage):
+    if jax.process_index() == 0:
+      self._outputs[artifacts.MODEL] = artifacts.folder_digest(self.dir(stage) / artifacts.MODEL)
 
   def _base_params(self):
     if self.cfg.base.checkpoint:
@@ -149,55 +167,56 @@ class Run:
     return self._model_params("pretrain")
 
   def _model_params(self, stage):
-    path = self.dir(stage) / "model"
+    path = self.artifacts.model(stage)
     return model_dir.restore_params(path, model_dir.read_meta(path)["model"], self.layout)
 
   # ------------------------------------------------------------------ generation stages
 
   def _engine(self, stage):
     """An engine on this process's devices: each process generates for its own shards alone."""
-    g = self.cfg.generate
-    return generate.process_local_engine(self.cfg.model, self._model_params(stage), self.layout,
-                           prompt_buckets=tuple(g.prompt_buckets), batch_size=g.batch_size,
-                           too_long=g.too_long, on_empty="skip")
+    return engines.engine(self.cfg, self.cfg.model, self._model_params(stage), self.layout)
 
   def _augment(self, name):
-    segments = sources.read_jsonl(self.dir("prepare_corpus") / "segments.jsonl")
+    segments = self.artifacts.read_dataset("prepare_corpus", artifacts.SEGMENTS, Segment)
     engine = self._engine("train_backward")
-    offsets = {s["id"]: i for i, s in enumerate(segments)}
-    work = lambda batch: backtranslate.augment(engine, self.tokenizer, self.cfg, batch, offsets[batch[0]["id"]])
+    offsets = {s.id: i for i, s in enumerate(segments)}
+    work = lambda batch: backtranslate.augment(engine, self.tokenizer, self.cfg, batch, offsets[batch[0].id])
     timing = self._sharded(name, segments, work)
-    rows = shards.merge(self.dir(name) / "shards", [s["id"] for s in segments])
-    candidates = [r for r in rows if r["instruction"]]
-    shards.write_atomic(self.dir(name) / "candidates.jsonl", candidates)
-    sources.write_dataset(candidates, self.workdir / "datasets", "candidates", kind="pairs")
-    statuses = {s: sum(r["status"] == s for r in rows) for s in ("ok", "empty", "skipped")}
+    rows = [artifacts.from_dict(Candidate, r, f"{self.dir(name)}/{artifacts.SHARDS}")
+            for r in shards.merge(self.dir(name) / artifacts.SHARDS, [s.id for s in segments])]
+    candidates = [r for r in rows if r.instruction]
+    self._write(name, artifacts.CANDIDATES, candidates)
+    sources.write_dataset([artifacts.as_dict(c) for c in candidates], self.workdir / "datasets", "candidates",
+                          kind="pairs")
+    statuses = {s: sum(r.status == s for r in rows) for s in ("ok", "empty", "skipped")}
     return dict(segments=len(segments), candidates=len(candidates), **statuses, **timing,
                 tokens_per_s=engine.stats.tokens_per_second, compiles=engine.stats.compiles,
                 padding_share=engine.stats.padding_share)
 
   def _curate(self, name):
     t = int(name.removeprefix("curate_m"))
-    candidates = sources.read_jsonl(self.dir("augment") / "candidates.jsonl")
+    candidates = self.artifacts.read("augment", artifacts.CANDIDATES, Candidate)
     engine = self._engine(f"train_m{t}")
     c = self.cfg.pipeline
-    offsets = {r["id"]: i for i, r in enumerate(candidates)}
+    offsets = {r.id: i for i, r in enumerate(candidates)}
     if c.curation_mode == "expected":
       work = lambda batch: curate.score_candidates_by_expectation(engine, self.tokenizer, self.cfg, batch)
     else:
       work = lambda batch: curate.score_candidates_by_generation(engine, self.tokenizer, self.cfg, batch,
-                                                                 offsets[batch[0]["id"]])
+                                                                 offsets[batch[0].id])
     timing = self._sharded(name, candidates, work)
-    scored = shards.merge(self.dir(name) / "shards", [r["id"] for r in candidates])
+    scored = [artifacts.from_dict(artifacts.Score, r, f"{self.dir(name)}/{artifacts.SHARDS}")
+              for r in shards.merge(self.dir(name) / artifacts.SHARDS, [r.id for r in candidates])]
     k = curate.threshold(scored, c.threshold_k, c.curation_mode, c.keep_top_fraction)
     keep = curate.selected(scored, k, c.curation_mode)
-    curated = [r for r in candidates if r["id"] in keep]
-    shards.write_atomic(self.dir(name) / "scores.jsonl", scored)
-    shards.write_atomic(self.dir(name) / "curated.jsonl", curated)
-    score_of = {s["id"]: s.get("expected_score", s["score"]) for s in scored}
-    sources.write_dataset([dict(r, score=score_of[r["id"]]) for r in curated],
-                          self.workdir / "datasets", f"curated_{t + 1}", kind="pairs")
-    unparsed = sum(s["score"] is None for s in scored)
+    score_of = {s.id: s.expected_score if s.expected_score is not None else s.score for s in scored}
+    curated = [CuratedPair(id=r.id, instruction=r.instruction, output=r.output, score=score_of[r.id], header=r.header)
+               for r in candidates if r.id in keep]
+    self._write(name, artifacts.SCORES, scored)
+    self._write(name, artifacts.CURATED, curated)
+    sources.write_dataset([artifacts.as_dict(r) for r in curated], self.workdir / "datasets", f"curated_{t + 1}",
+                          kind="pairs")
+    unparsed = sum(s.score is None for s in scored)
     values = sorted(v for v in score_of.values() if v is not None)
     spread = dict(score_min=values[0], score_median=values[len(values) // 2], score_max=values[-1]) if values else {}
     if candidates and not curated:  # say it loudly: the next model would silently train on the seed alone
@@ -210,7 +229,7 @@ class Run:
 
   def _sharded(self, name, records, work):
     """Runs `work` over this process's shards, then waits for every process (the merge reads all)."""
-    timing = shards.run(records, work, self.dir(name) / "shards", shard_size=self.cfg.generate.shard_size,
+    timing = shards.run(records, work, self.dir(name) / artifacts.SHARDS, shard_size=self.cfg.generate.shard_size,
                         process_index=jax.process_index(), process_count=jax.process_count(),
                         desc=name, progress=self.progress)
     distributed.barrier(f"{name}_shards")
@@ -219,7 +238,7 @@ class Run:
   # ------------------------------------------------------------------ report
 
   def _report(self, name):
-    return report.write(self, self.workdir)
+    return report.write(self.workdir, [n for n in stage_names(self.cfg) if n != "report"])
 
   def _with_train(self, **fields):
     cfg = self.cfg.copy_and_resolve_references()

@@ -1,5 +1,8 @@
 """The run report: counts per stage, score histograms, curated-set statistics next to the paper's,
-examples of accepted and rejected pairs, and timings. Written as report.md, report.json and a PNG."""
+examples of accepted and rejected pairs, and timings. Written as report.md, report.json and a PNG.
+
+Built from the workdir alone: each stage's manifest and its checked artifacts (artifacts.py).
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from humpback_jax import shards
+from humpback_jax.method import artifacts
+from humpback_jax.method.artifacts import Candidate, CuratedPair, Score, SeedPair
 
 # METHOD.md: seed and augmented-data statistics and the 65B run's curated sizes.
 PAPER = dict(seed_instruction_chars=(148, 322), seed_output_chars=(1072, 818), augmented_output_chars=(1722, 653),
@@ -21,41 +26,39 @@ def length_stats(texts) -> tuple[float, float]:
   return (float(lengths.mean()), float(lengths.std())) if len(lengths) else (0.0, 0.0)
 
 
-def _read(path: Path) -> list[dict]:
-  return [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()] if Path(path).exists() else []
-
-
-def write(run, workdir: Path) -> dict:
-  """Builds the report of a finished run into `workdir/report/`; returns its JSON summary."""
-  from humpback_jax.method.pipeline import stage_names
-  out = Path(workdir) / "report"
+def write(workdir: Path, stages: list[str]) -> dict:
+  """Builds the report of the run in `workdir` over `stages` (in run order) into `workdir/report/`;
+  returns its JSON summary's counts. Stages that have not finished are shown without counts."""
+  work = artifacts.Workdir(workdir)
+  out = work.stage("report")
   out.mkdir(parents=True, exist_ok=True)
-  stages = {n: run.manifest(n) for n in stage_names(run.cfg) if n != "report"}
-  seed = _read(run.dir("prepare_seed") / "seed.jsonl")
-  candidates = _read(run.dir("augment") / "candidates.jsonl")
-  iterations = {}
+  manifests = {n: work.manifest(n) for n in stages}
+  seed = work.read_if_finished("prepare_seed", artifacts.SEED, SeedPair)
+  candidates = work.read_if_finished("augment", artifacts.CANDIDATES, Candidate)
+  iterations, last = {}, None
   for name in stages:
-    if name.startswith("curate_m"):
-      scored = _read(run.dir(name) / "scores.jsonl")
-      curated = _read(run.dir(name) / "curated.jsonl")
-      hist = Counter(s["score"] for s in scored)
+    if name.startswith("curate_m") and manifests[name] is not None:
+      scored = work.read(name, artifacts.SCORES, Score)
+      curated = work.read(name, artifacts.CURATED, CuratedPair)
+      last = (name, scored, curated)
+      hist = Counter(s.score for s in scored)
       iterations[name] = dict(
           histogram={str(k): hist.get(k, 0) for k in (1, 2, 3, 4, 5)}, unparsable=hist.get(None, 0),
           parse_failure_rate=hist.get(None, 0) / max(len(scored), 1),
           curated=len(curated), curated_share=len(curated) / max(len(candidates), 1),
-          at_least_4=sum(1 for s in scored if (s["score"] or 0) >= 4),
-          curated_output_chars=length_stats(r["output"] for r in curated),
-          curated_instruction_chars=length_stats(r["instruction"] for r in curated))
+          at_least_4=sum(1 for s in scored if (s.score or 0) >= 4),
+          curated_output_chars=length_stats(r.output for r in curated),
+          curated_instruction_chars=length_stats(r.instruction for r in curated))
   summary = dict(
-      stages={n: (m or {}).get("counts") for n, m in stages.items()},
-      seconds={n: (m or {}).get("seconds") for n, m in stages.items()},
-      seed_instruction_chars=length_stats(r["instruction"] for r in seed),
-      seed_output_chars=length_stats(r["output"] for r in seed),
-      augmented_output_chars=length_stats(r["output"] for r in candidates),
+      stages={n: (m or {}).get("counts") for n, m in manifests.items()},
+      seconds={n: (m or {}).get("seconds") for n, m in manifests.items()},
+      seed_instruction_chars=length_stats(r.instruction for r in seed),
+      seed_output_chars=length_stats(r.output for r in seed),
+      augmented_output_chars=length_stats(r.output for r in candidates),
       iterations=iterations, paper=PAPER)
   shards.write_json_atomic(out / "report.json", summary)
   _plot_histograms(iterations, out / "score_histogram.png")
-  (out / "report.md").write_text(_markdown(run, summary, candidates))
+  (out / "report.md").write_text(_markdown(Path(workdir), summary, candidates, last))
   return dict(iterations=len(iterations), candidates=len(candidates))
 
 
@@ -92,8 +95,8 @@ def _corpus_lines(c: dict) -> list[str]:
                       f"skipped files: {json.dumps(skipped) if skipped else 'none'}."]
 
 
-def _markdown(run, s: dict, candidates: list[dict]) -> str:
-  lines = [f"# Humpback run report: {run.workdir}", "", "## Stages", "",
+def _markdown(workdir: Path, s: dict, candidates: list[Candidate], last) -> str:
+  lines = [f"# Humpback run report: {workdir}", "", "## Stages", "",
            "| stage | seconds | counts |", "|---|---|---|"]
   for name, counts in s["stages"].items():
     shown = {k: v for k, v in (counts or {}).items() if not isinstance(v, (dict, list))}
@@ -114,15 +117,15 @@ def _markdown(run, s: dict, candidates: list[dict]) -> str:
                  f"{_fmt(it['curated_output_chars'])} |")
   lines += ["", f"Paper (65B, A^(2)): k=5 keeps {p['curated_5_size']:,} ({p['curated_5_share']:.1%}), "
             f"k=4 keeps {p['curated_4_size']:,} ({p['curated_4_share']:.1%}).", ""]
-  last = list(s["iterations"])[-1] if s["iterations"] else None
   if last:
-    scored = {r["id"]: r for r in _read(run.dir(last) / "scores.jsonl")}
-    curated_ids = {r["id"] for r in _read(run.dir(last) / "curated.jsonl")}
-    for title, pick in (("Accepted", lambda c: c["id"] in curated_ids), ("Rejected", lambda c: c["id"] not in curated_ids)):
-      lines += [f"## {title} examples ({last})", ""]
+    name, scored_rows, curated = last
+    scored = {r.id: r for r in scored_rows}
+    curated_ids = {r.id for r in curated}
+    for title, pick in (("Accepted", lambda c: c.id in curated_ids), ("Rejected", lambda c: c.id not in curated_ids)):
+      lines += [f"## {title} examples ({name})", ""]
       for c in [c for c in candidates if pick(c)][:3]:
-        sc = scored.get(c["id"], {})
-        lines += [f"- **{c['id']}** score={sc.get('score')} expected={sc.get('expected_score')}",
-                  f"  - instruction: {c['instruction'][:200]!r}", f"  - output: {c['output'][:300]!r}"]
+        sc = scored.get(c.id)
+        lines += [f"- **{c.id}** score={sc and sc.score} expected={sc and sc.expected_score}",
+                  f"  - instruction: {c.instruction[:200]!r}", f"  - output: {c.output[:300]!r}"]
       lines.append("")
   return "\n".join(lines) + "\n"

@@ -3,7 +3,6 @@ the versioned tfds datasets every artifact is also written as."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -48,11 +47,6 @@ def pretraining_texts(cfg) -> list[str]:
   texts = [f"{s.header}\n\n{s.text}" if s.header else s.text for s in raw]
   rows, _ = seed_pairs(cfg)
   return texts + [r["output"] for r in rows]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-  """Every record of one of our own artifact files."""
-  return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def write_dataset(rows: list[dict], data_dir: Path, name: str, kind: str) -> None:
