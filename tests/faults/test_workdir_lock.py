@@ -62,7 +62,8 @@ def pipeline(workdir):
 
 
 def artifacts(workdir: Path) -> dict:
-  return {p.relative_to(workdir).as_posix(): p.read_bytes() for p in sorted(workdir.glob("prepare_*/*.jsonl"))}
+  """Each finished stage's outputs as its manifest records them (record counts and sha256)."""
+  return {p.parent.name: json.loads(p.read_text())["outputs"] for p in sorted(workdir.glob("*/manifest.json"))}
 
 
 def test_two_pipelines_started_at_once_one_runs_the_other_exits_naming_the_holder(tmp_path):
@@ -74,7 +75,8 @@ def test_two_pipelines_started_at_once_one_runs_the_other_exits_naming_the_holde
   assert "in use by another run (pid " in refused_err and len(refused_err.strip().splitlines()) == 1
   alone = pipeline(tmp_path / "alone")
   assert alone.wait(timeout=600) == 0
-  assert artifacts(tmp_path / "run") == artifacts(tmp_path / "alone") != {}
+  assert artifacts(tmp_path / "run") == artifacts(tmp_path / "alone")
+  assert set(artifacts(tmp_path / "run")) == {"prepare_seed", "prepare_corpus"}
   assert not workdir_lock.lock_path(tmp_path / "run").exists()
 
 
