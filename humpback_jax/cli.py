@@ -5,6 +5,7 @@
   humpback generate --config=... --checkpoint=DIR --input=IN.jsonl --output=OUT_DIR
   humpback pipeline --config=configs/toy.py --workdir=runs/toy [--from=STAGE] [--until=STAGE]
   humpback eval-generate --checkpoint=DIR --prompts=alpaca_eval.json --output=model_outputs.json
+  humpback eval-judge --checkpoint=DIR|FILE.gguf --labels=judge_dev.jsonl --mode=generate|expected|both
   humpback plan --config=configs/llama.py:variant=65b,mesh=fsdp --devices=64 [--device-gib=80]
 
 Every command that writes a workdir (train, generate's --output, pipeline) holds it alone: a second
@@ -149,6 +150,37 @@ def cmd_eval_generate(args, overrides):
   print(f"wrote {n} outputs to {args.output}")
 
 
+def cmd_eval_judge(args, overrides):
+  import time
+  import ml_collections
+  from humpback_jax import api, generate
+  from humpback_jax.method import judge_eval
+  rows = judge_eval.read_labels(Path(args.labels))[:args.limit]
+  model = api.load(args.checkpoint)
+  if args.config:  # the run's own judge settings
+    cfg = _config(args, overrides)
+  else:  # the model's chat template, a greedy judge
+    cfg = ml_collections.ConfigDict(dict(
+        tokenizer=dict(chat_template=model.chat_template), generate=dict(top_p=1.0, seed=0),
+        pipeline=dict(judge_temperature=0.0, judge_max_new_tokens=args.max_new_tokens)))
+  engine = generate.Engine(model.cfg, model.params, model.layout, batch_size=args.batch_size,
+                           prompt_buckets=(128, 256, 512, 1024, 2048), too_long="skip")
+  modes = judge_eval.MODES if args.mode == "both" else (args.mode,)
+  values, seconds = {}, {}
+  for mode in modes:
+    start = time.perf_counter()
+    values[mode] = judge_eval.judge(engine, model.tokenizer, cfg, rows, mode)
+    seconds[mode] = time.perf_counter() - start
+  labels = [r["label"] for r in rows]
+  rep = judge_eval.report(labels, values)
+  rep["seconds"] = seconds
+  print(judge_eval.format_report(rep))
+  print("seconds: " + ", ".join(f"{m} {s:.1f}" for m, s in seconds.items()))
+  if args.output:
+    per_pair = [dict(id=r["id"], label=r["label"], **{m: values[m][i] for m in modes}) for i, r in enumerate(rows)]
+    Path(args.output).write_text(json.dumps(dict(report=rep, pairs=per_pair), indent=1, default=str))
+
+
 def cmd_plan(args, overrides):
   from humpback_jax import plan
   cfg = _config(args, overrides)
@@ -194,6 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--config", default=None)
   e.add_argument("--generator", default=None)
   e.add_argument("--limit", type=int, default=None)
+  j = add("eval-judge", help="a judge's curation scores against labelled pairs: precision, recall, AUC")
+  j.add_argument("--checkpoint", required=True)
+  j.add_argument("--labels", required=True, help="JSONL of {instruction, output, label 1..5}")
+  j.add_argument("--mode", choices=["generate", "expected", "both"], default="both")
+  j.add_argument("--config", default=None, help="take the chat template and judge settings from a run's config")
+  j.add_argument("--max-new-tokens", type=int, default=256, help="judge tokens in generate mode (no --config)")
+  j.add_argument("--batch-size", type=int, default=16)
+  j.add_argument("--limit", type=int, default=None)
+  j.add_argument("--output", default=None, help="write the report and every pair's scores as JSON")
   pl = add("plan", help="per-device memory of a job, from shapes alone; exit 1 if it does not fit")
   pl.add_argument("--config", required=True)
   pl.add_argument("--devices", type=_positive_int, required=True)
@@ -210,7 +251,7 @@ def _positive_int(text: str) -> int:
 
 
 COMMANDS = {"convert": cmd_convert, "train": cmd_train, "generate": cmd_generate, "pipeline": cmd_pipeline,
-            "eval-generate": cmd_eval_generate, "plan": cmd_plan}
+            "eval-generate": cmd_eval_generate, "eval-judge": cmd_eval_judge, "plan": cmd_plan}
 # The folder each command writes, held by one run at a time (humpback_jax/workdir_lock.py).
 WRITES = {"train": "workdir", "pipeline": "workdir", "generate": "output"}
 
