@@ -151,34 +151,17 @@ def cmd_eval_generate(args, overrides):
 
 
 def cmd_eval_judge(args, overrides):
-  import time
-  import ml_collections
-  from humpback_jax import api, generate
+  from humpback_jax import api
   from humpback_jax.method import judge_eval
   rows = judge_eval.read_labels(Path(args.labels))[:args.limit]
   model = api.load(args.checkpoint)
-  if args.config:  # the run's own judge settings
-    cfg = _config(args, overrides)
-  else:  # the model's chat template, a greedy judge
-    cfg = ml_collections.ConfigDict(dict(
-        tokenizer=dict(chat_template=model.chat_template), generate=dict(top_p=1.0, seed=0),
-        pipeline=dict(judge_temperature=0.0, judge_max_new_tokens=args.max_new_tokens)))
-  engine = generate.Engine(model.cfg, model.params, model.layout, batch_size=args.batch_size,
-                           prompt_buckets=(128, 256, 512, 1024, 2048), too_long="skip")
+  cfg = (_config(args, overrides) if args.config  # the run's own template and judge settings
+         else judge_eval.judge_settings(model.chat_template, args.max_new_tokens))
   modes = judge_eval.MODES if args.mode == "both" else (args.mode,)
-  values, seconds = {}, {}
-  for mode in modes:
-    start = time.perf_counter()
-    values[mode] = judge_eval.judge(engine, model.tokenizer, cfg, rows, mode)
-    seconds[mode] = time.perf_counter() - start
-  labels = [r["label"] for r in rows]
-  rep = judge_eval.report(labels, values)
-  rep["seconds"] = seconds
+  rep, pairs = judge_eval.run(model, cfg, rows, modes, batch_size=args.batch_size)
   print(judge_eval.format_report(rep))
-  print("seconds: " + ", ".join(f"{m} {s:.1f}" for m, s in seconds.items()))
   if args.output:
-    per_pair = [dict(id=r["id"], label=r["label"], **{m: values[m][i] for m in modes}) for i, r in enumerate(rows)]
-    Path(args.output).write_text(json.dumps(dict(report=rep, pairs=per_pair), indent=1, default=str))
+    Path(args.output).write_text(json.dumps(dict(report=rep, pairs=pairs), indent=1))
 
 
 def cmd_plan(args, overrides):

@@ -10,14 +10,20 @@ pairs a threshold at c keeps and c + 1 does not.
 from __future__ import annotations
 
 import math
+import time
 
+import ml_collections
 import numpy as np
 
+from humpback_jax import generate
 from humpback_jax.data.jsonl import read_jsonl
 from humpback_jax.errors import DataError
 from humpback_jax.method import curate
+from humpback_jax.method.artifacts import Candidate, Score
 
 MODES = ("generate", "expected")
+# Judge prompts are the ~450-token rubric plus one answer: buckets close above that keep padding low.
+PROMPT_BUCKETS = (256, 512, 640, 768, 1024, 2048)
 KS = (3, 4, 5)
 LABELS = (1, 2, 3, 4, 5)
 
@@ -36,14 +42,44 @@ def read_labels(path) -> list[dict]:
   return rows
 
 
-def judge(engine, tokenizer, cfg, rows: list[dict], mode: str) -> list[float | None]:
-  """The value curation thresholds, per row, from the judge in `mode` (None: no score)."""
+def judge(engine, tokenizer, cfg, rows: list[dict], mode: str) -> list[Score]:
+  """Curation's own score per row in `mode`; `value(score, mode)` is what curation thresholds."""
+  candidates = [Candidate(id=r["id"], instruction=r["instruction"], output=r["output"]) for r in rows]
   if mode == "expected":
-    scored = curate.score_candidates_by_expectation(engine, tokenizer, cfg, rows)
-    return [s["expected_score"] for s in scored]
+    return curate.score_candidates_by_expectation(engine, tokenizer, cfg, candidates)
   if mode == "generate":
-    return [s["score"] for s in curate.score_candidates_by_generation(engine, tokenizer, cfg, rows, 0)]
+    return curate.score_candidates_by_generation(engine, tokenizer, cfg, candidates, 0)
   raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def value(score: Score, mode: str) -> float | None:
+  """The score curation thresholds: the expected score (expected mode) or the parsed score."""
+  return score.expected_score if mode == "expected" else score.score
+
+
+def judge_settings(chat_template: str, max_new_tokens: int) -> ml_collections.ConfigDict:
+  """The config fields curation reads, for a judge run without a pipeline config: greedy decoding."""
+  return ml_collections.ConfigDict(dict(
+      tokenizer=dict(chat_template=chat_template), generate=dict(top_p=1.0, seed=0),
+      pipeline=dict(judge_temperature=0.0, judge_max_new_tokens=max_new_tokens)))
+
+
+def run(model, cfg, rows: list[dict], modes, *, batch_size: int = 16) -> tuple[dict, list[dict]]:
+  """(report with seconds per mode, per-pair records with each mode's value and judge text)."""
+  engine = generate.Engine(model.cfg, model.params, model.layout, batch_size=batch_size,
+                           prompt_buckets=PROMPT_BUCKETS, too_long="skip")
+  records, seconds = {}, {}
+  for mode in modes:
+    start = time.perf_counter()
+    records[mode] = judge(engine, model.tokenizer, cfg, rows, mode)
+    seconds[mode] = time.perf_counter() - start
+  values = {mode: [value(r, mode) for r in records[mode]] for mode in modes}
+  rep = dict(report([r["label"] for r in rows], values), seconds=seconds,
+             skipped_too_long=engine.stats.skipped_too_long)
+  pairs = [dict(id=r["id"], label=r["label"], **{m: values[m][i] for m in modes},
+                judge_output=records["generate"][i].judge_output if "generate" in records else None)
+           for i, r in enumerate(rows)]
+  return rep, pairs
 
 
 def keep_metrics(labels, values, k: float) -> dict:
@@ -117,4 +153,7 @@ def format_report(rep: dict) -> str:
   if "agreement" in rep:
     lines += ["", "agreement of keep decisions between modes: "
               + ", ".join(f"k={k}: {a:.3f}" for k, a in rep["agreement"].items())]
+  if "seconds" in rep:
+    lines += [f"seconds: " + ", ".join(f"{m} {s:.1f}" for m, s in rep["seconds"].items())
+              + f"; prompts skipped as too long: {rep['skipped_too_long']}"]
   return "\n".join(lines)
