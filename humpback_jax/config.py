@@ -8,7 +8,7 @@ import ml_collections
 
 from humpback_jax.errors import ConfigError
 
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+BACKENDS = ("auto", "xla", "cpu_kernels", "pallas_tpu", "cudnn")  # model/ops.py
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -34,7 +34,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
       param_dtype="float32",  # storage (master) dtype
       dropout_rate=0.0,       # applied after attention and MLP outputs, training only
       remat_policy="none",
-      attention_impl="xla",
+      backend="auto",         # kernels (model/ops.py): auto = by the mesh's platform
   ))
   for key, value in overrides.items():
     if key not in cfg:
@@ -65,9 +65,10 @@ def validate_model(cfg) -> None:
   if head_dim(cfg) % 2:
     raise ConfigError(f"model.head_dim: rotary embeddings need an even head_dim, got {head_dim(cfg)}")
   for field, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
-                         ("attention_impl", ATTENTION_IMPLS), ("remat_policy", REMAT_POLICIES)):
-    if cfg[field] not in allowed:
-      raise ConfigError(f"model.{field}: {cfg[field]!r} is not one of {allowed}")
+                         ("backend", BACKENDS), ("remat_policy", REMAT_POLICIES)):
+    value = cfg.get(field, "auto")  # a stored config may predate `backend`
+    if value not in allowed:
+      raise ConfigError(f"model.{field}: {value!r} is not one of {allowed}")
   if not 0.0 <= cfg.dropout_rate < 1.0:
     raise ConfigError(f"model.dropout_rate: must be in [0, 1), got {cfg.dropout_rate}")
 

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from humpback_jax import sharding
-from humpback_jax.kernels import cpu as cpu_kernels
 from humpback_jax.model import build
 from humpback_jax.model import cache as kv_cache
+from humpback_jax.model import ops
 
 TOO_LONG_POLICIES = ("truncate_left", "skip")
 EMPTY_POLICIES = ("raise", "skip")
@@ -72,7 +72,7 @@ class EngineStats:
 # --------------------------------------------------------------------------- pure functions
 
 
-def sample_next(logits, key, temperature, top_p, top_k, step=None):
+def sample_next(logits, key, temperature, top_p, top_k, step=None, backend=ops.XLA):
   """Next tokens [b] from float32 logits [b, vocab]; greedy when temperature == 0.
 
   Otherwise temperature, then top-k (0 = off), then top-p (the smallest set of most likely tokens
@@ -82,9 +82,7 @@ def sample_next(logits, key, temperature, top_p, top_k, step=None):
   scalars: changing them never recompiles.
   """
   def greedy():
-    if cpu_kernels.wants_argmax(logits):  # CPU decode loop: one vectorised pass, not a variadic reduce
-      return cpu_kernels.argmax(logits)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return ops.argmax(logits, backend)
 
   def sample():
     b, vocab = logits.shape
@@ -145,39 +143,38 @@ def _pick(ids, ranked, keep, gumbel_noise):
   return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def prefill(cfg, layout, params, tokens_bt, positions_bt, *, cache_len: int):
+def prefill(cfg, layout, params, tokens_bt, positions_bt, *, cache_len: int, backend=ops.XLA):
   """Runs left-padded prompts [b, t] (position -1 = pad) into a fresh cache of `cache_len` slots."""
   cache = kv_cache.init_cache(cfg, tokens_bt.shape[0], cache_len)
-  with cpu_kernels.sequence_kernels(layout.mesh):  # CPU: our GEMM and attention for whole prompts
-    _, cache = build.forward(cfg, params, tokens_bt, positions_bt, cache=cache, layout=layout)
+  _, cache = build.forward(cfg, params, tokens_bt, positions_bt, cache=cache, layout=layout, backend=backend)
   return cache
 
 
 def decode(cfg, layout, params, cache, token_b, position_b, row_ids_b, max_new_b, eos_ids, seed,
-           temperature, top_p, top_k, *, max_new: int, greedy: bool = False):
+           temperature, top_p, top_k, *, max_new: int, greedy: bool = False, backend=ops.XLA):
   """Feeds `token_b` at `position_b`, then samples up to `max_new` tokens per row in a while_loop.
 
-  `greedy` (static) promises temperature 0: on CPU the loop then picks each token with
-  `cpu_kernels.greedy_head`, which computes only the logits that could be the largest.
+  `greedy` (static) promises temperature 0: with the CPU kernels the loop then picks each token with
+  `ops.greedy_head`, which computes only the logits that could be the largest.
   Returns (tokens [b, max_new], counts [b] of new tokens before EOS or the row's limit, cache).
   """
   b = token_b.shape[0]
   base = jax.random.key(seed)
   row_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(row_ids_b)
+  backend = backend.in_decode_loop()  # few-row kernels, weights packed once per loop
   head_tables = None
-  if greedy:
-    with cpu_kernels.small_matmuls():  # the greedy head's tables: built once, outside the loop
-      head_nk = build.head_weight(cfg, params).T  # [vocab, dim]: the tied embedding itself, no copy
-      if cpu_kernels.wants_greedy_head(head_nk):
-        head_tables = cpu_kernels.greedy_head_tables(head_nk)
+  if greedy:  # the greedy head's tables: built once, outside the loop
+    head_nk = build.head_weight(cfg, params).T  # [vocab, dim]: the tied embedding itself, no copy
+    head_tables = ops.greedy_head_tables(head_nk, backend)
 
   def next_tokens(token, position, cache, step):
     if head_tables is None:
-      logits, cache = build.forward(cfg, params, token[:, None], position[:, None], cache=cache, layout=layout)
-      return sample_next(logits[:, 0], row_keys, temperature, top_p, top_k, step=step), cache
+      logits, cache = build.forward(cfg, params, token[:, None], position[:, None], cache=cache, layout=layout,
+                                    backend=backend)
+      return sample_next(logits[:, 0], row_keys, temperature, top_p, top_k, step=step, backend=backend), cache
     hidden, cache = build.forward(cfg, params, token[:, None], position[:, None], cache=cache, layout=layout,
-                                  hidden_only=True)
-    return cpu_kernels.greedy_head(hidden[:, 0], head_tables, head_nk), cache
+                                  hidden_only=True, backend=backend)
+    return ops.greedy_head(hidden[:, 0], head_tables, head_nk), cache
 
   def body(carry):
     step, token, position, cache, out, counts, done = carry
@@ -194,28 +191,28 @@ def decode(cfg, layout, params, cache, token_b, position_b, row_ids_b, max_new_b
 
   carry = (jnp.zeros((), jnp.int32), token_b, position_b, cache, jnp.full((b, max_new), -1, jnp.int32),
            jnp.zeros((b,), jnp.int32), max_new_b <= 0)
-  with cpu_kernels.small_matmuls():  # CPU: few-row matmuls take our kernel, weights packed once
-    _, _, _, cache, out, counts, _ = jax.lax.while_loop(cond, body, carry)
+  _, _, _, cache, out, counts, _ = jax.lax.while_loop(cond, body, carry)
   return out, counts, cache
 
 
-def continuation_logprob(cfg, layout, params, tokens_bt, segment_ids_bt, target_mask_bt):
+def continuation_logprob(cfg, layout, params, tokens_bt, segment_ids_bt, target_mask_bt, *, backend=ops.XLA):
   """Sum over marked tokens of log p(token | tokens before it), for right-padded rows [b, t]."""
-  with cpu_kernels.sequence_kernels(layout.mesh):
-    logits, _ = build.forward(cfg, params, tokens_bt, None, segment_ids_bt, layout=layout)
+  logits, _ = build.forward(cfg, params, tokens_bt, None, segment_ids_bt, layout=layout, backend=backend)
   logits, targets = logits[:, :-1], tokens_bt[:, 1:]
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   logp = picked - jax.nn.logsumexp(logits, axis=-1)
   return jnp.sum(jnp.where(target_mask_bt[:, 1:] > 0, logp, 0.0), axis=-1)
 
 
-def next_token_probs(cfg, layout, params, tokens_bt, positions_bt, candidate_ids):
+def next_token_probs(cfg, layout, params, tokens_bt, positions_bt, candidate_ids, *, backend=ops.XLA):
   """Full-vocab softmax after left-padded prompts [b, t], read at `candidate_ids` -> [b, c].
 
   All but the last token go through the cache path, so the vocab projection runs only once per row.
   """
-  cache = prefill(cfg, layout, params, tokens_bt[:, :-1], positions_bt[:, :-1], cache_len=tokens_bt.shape[1])
-  logits, _ = build.forward(cfg, params, tokens_bt[:, -1:], positions_bt[:, -1:], cache=cache, layout=layout)
+  cache = prefill(cfg, layout, params, tokens_bt[:, :-1], positions_bt[:, :-1], cache_len=tokens_bt.shape[1],
+                  backend=backend)
+  logits, _ = build.forward(cfg, params, tokens_bt[:, -1:], positions_bt[:, -1:], cache=cache, layout=layout,
+                            backend=backend)
   return jax.nn.softmax(logits[:, 0], axis=-1)[:, candidate_ids]
 
 
@@ -274,6 +271,7 @@ class Engine:
     if batch_size < 1 or min(prompt_buckets) < 2:
       raise ValueError(f"batch_size ({batch_size}) must be >= 1 and prompt_buckets {prompt_buckets} >= 2")
     self.cfg, self.layout = cfg, layout
+    self.backend = ops.for_model(cfg, layout)  # the kernels of every program of this engine
     self.params = jax.device_put(params, build.param_shardings(cfg, layout))
     self.buckets = tuple(sorted(prompt_buckets))
     self.batch_size, self.too_long, self.on_empty = batch_size, too_long, on_empty
@@ -333,7 +331,7 @@ class Engine:
       self._count_padding(segments)
       args = (self.params, *self._put((tokens, segments, targets), ("batch", "length")))
       program = self._program(("loglikelihood", self.batch_size, width), "",
-                              functools.partial(continuation_logprob, self.cfg, self.layout), args)
+                              functools.partial(continuation_logprob, self.cfg, self.layout, backend=self.backend), args)
       out[idx] = jax.device_get(program(*args))[:len(idx)]
     self.stats.seconds += time.perf_counter() - start
     return out
@@ -356,7 +354,7 @@ class Engine:
       self._count_padding(positions >= 0)
       args = (self.params, *self._put((tokens, positions), ("batch", "length")), candidates)
       program = self._program(("next_token_probs", *tokens.shape, candidates.shape[0]), "",
-                              functools.partial(next_token_probs, self.cfg, self.layout), args)
+                              functools.partial(next_token_probs, self.cfg, self.layout, backend=self.backend), args)
       out[idx] = jax.device_get(program(*args))[:len(idx)]
     self.stats.seconds += time.perf_counter() - start
     return out
@@ -374,12 +372,12 @@ class Engine:
     greedy = bool(sampling.temperature <= 0)  # its own program: on CPU, no logits but the argmax's
     shape = ("generate", self.batch_size, width, max_new, greedy)
     run_prefill = self._program(shape, "prefill", functools.partial(
-        prefill, self.cfg, self.layout, cache_len=width - 1 + max_new), head)
+        prefill, self.cfg, self.layout, cache_len=width - 1 + max_new, backend=self.backend), head)
     last = self._put((tokens[:, -1], positions[:, -1], np.asarray(row_ids, np.int32),
                       np.asarray(limits, np.int32)), ("batch",))
     args = (self.params, run_prefill(*head), *last, eos, *knobs)
     run_decode = self._program(shape, "decode", functools.partial(
-        decode, self.cfg, self.layout, max_new=max_new, greedy=greedy), args, donate=(1,))
+        decode, self.cfg, self.layout, max_new=max_new, greedy=greedy, backend=self.backend), args, donate=(1,))
     out, counts, _ = run_decode(*args)
     self.stats.batches += 1
     return out, counts

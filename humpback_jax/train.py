@@ -16,8 +16,7 @@ import numpy as np
 import optax
 
 from humpback_jax import sharding
-from humpback_jax.kernels import cpu as cpu_kernels
-from humpback_jax.model import build
+from humpback_jax.model import build, ops
 
 PAPER_STEPS = ((3200, 500), (12800, 600), (25600, 1200), (51200, 1600))
 
@@ -68,10 +67,10 @@ def make_optimizer(train_cfg, total_steps: int) -> optax.GradientTransformation:
                   weight_decay=train_cfg.weight_decay, mask=decay_mask))
 
 
-def token_nll(cfg, params, batch, dropout_rng=None, layout=None):
+def token_nll(cfg, params, batch, dropout_rng=None, layout=None, backend=ops.XLA):
   """Summed negative log-likelihood over target tokens, and their count."""
   logits, _ = build.forward(cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                            dropout_rng=dropout_rng, layout=layout)
+                            dropout_rng=dropout_rng, layout=layout, backend=backend)
   nll = cross_entropy(logits, batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
   return jnp.sum(nll * mask), jnp.sum(mask)
@@ -109,9 +108,11 @@ BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 
 def build_step(cfg, layout: sharding.Layout, optimizer, *, micro_batches: int = 1,
                dropout_rate: float = 0.0, seed: int = 0) -> StepFns:
-  """Jitted init and train step with explicit shardings; the step donates the state it replaces."""
+  """Jitted init and train step with explicit shardings; the step donates the state it replaces.
+  Its kernels are `model.backend` resolved for the layout's mesh (ops.py), fixed here."""
   model_cfg = cfg.copy_and_resolve_references()
   model_cfg.dropout_rate = dropout_rate
+  backend = ops.for_model(model_cfg, layout)
   param_sh = build.param_shardings(model_cfg, layout)
   abstract_params = build.abstract_params(model_cfg)
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
@@ -128,10 +129,8 @@ def build_step(cfg, layout: sharding.Layout, optimizer, *, micro_batches: int = 
 
   def micro_grads(params, micro, rng):
     def loss_sum(p):
-      nll, count = token_nll(model_cfg, p, micro, rng if dropout_rate else None, layout)
-      return nll, count
-    with cpu_kernels.sequence_kernels(layout.mesh):  # float32 GEMMs + attention on CPU
-      (nll, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+      return token_nll(model_cfg, p, micro, rng if dropout_rate else None, layout, backend)
+    (nll, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
     return nll, count, grads
 
   @functools.partial(jax.jit, in_shardings=(state_sh, batch_shardings),

@@ -4,12 +4,15 @@ jaxlib 0.10's XLA:CPU sends dots to YNNPACK/XNNPACK fusions by default. On the b
 training step (bench/train.py, 2 cores) its Eigen GEMMs were faster (bench/RESULTS.md), and
 decode a few percent faster; YNN fusions also miscompiled one attention form
 (see model/attention.py). Flags the user already set win; HUMPBACK_XLA_DEFAULTS=0 skips these.
+They are added only where the CPU is the backend JAX will use: `JAX_PLATFORMS` names cpu first, or
+it is unset and the machine has no TPU or GPU device file (a TPU VM or GPU node keeps its flags).
 """
 from __future__ import annotations
 
 import os
 
 CPU_FLAGS = ("--xla_cpu_use_xnnpack=false", "--xla_cpu_experimental_ynn_fusion_type=")
+ACCELERATOR_FILES = ("/dev/accel0", "/dev/vfio/0", "/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")
 
 
 def with_cpu_defaults(xla_flags: str) -> str:
@@ -19,7 +22,16 @@ def with_cpu_defaults(xla_flags: str) -> str:
   return " ".join([xla_flags, *missing]).strip()
 
 
-def apply_cpu_defaults(environ=os.environ) -> None:
-  """Adds CPU_FLAGS to XLA_FLAGS in `environ` (read when the backend starts) unless opted out."""
-  if environ.get("HUMPBACK_XLA_DEFAULTS", "1") != "0":
+def uses_cpu_backend(environ=os.environ, accelerator_files=ACCELERATOR_FILES) -> bool:
+  """Whether JAX will run on its CPU backend, told without starting any backend."""
+  platforms = environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not any(os.path.exists(f) for f in accelerator_files)
+
+
+def apply_cpu_defaults(environ=os.environ, accelerator_files=ACCELERATOR_FILES) -> None:
+  """Adds CPU_FLAGS to XLA_FLAGS in `environ` (read when the backend starts) unless opted out or
+  the process will run on an accelerator."""
+  if environ.get("HUMPBACK_XLA_DEFAULTS", "1") != "0" and uses_cpu_backend(environ, accelerator_files):
     environ["XLA_FLAGS"] = with_cpu_defaults(environ.get("XLA_FLAGS", ""))

@@ -98,7 +98,7 @@ def _toy_engine(batch_size=2, **model_overrides):
   return Engine(cfg, build.init_params(cfg, layout), layout, prompt_buckets=(8,), batch_size=batch_size)
 
 
-def test_greedy_tokens_are_the_same_with_and_without_the_kernels(monkeypatch):
+def test_greedy_tokens_are_the_same_with_and_without_the_kernels():
   prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
   engine = _toy_engine(batch_size=3)
   with_kernels = engine.generate_ids(prompts, GREEDY, max_new_tokens=12)
@@ -106,8 +106,7 @@ def test_greedy_tokens_are_the_same_with_and_without_the_kernels(monkeypatch):
   assert "HumpbackGemm" in programs["prefill"] and "HumpbackAttentionForward" in programs["prefill"]
   assert all(f"Humpback{name}" in programs["decode"]
              for name in ("PackedMatmul", "DecodeAttention", "RmsNormForward", "Argmax"))
-  monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-  engine = _toy_engine(batch_size=3)
+  engine = _toy_engine(batch_size=3, backend="xla")
   assert engine.generate_ids(prompts, GREEDY, max_new_tokens=12) == with_kernels
   assert all("Humpback" not in program.as_text() for program in engine._programs.values())
 
@@ -120,24 +119,22 @@ def test_argmax_is_the_first_maximum_and_nan_wins_like_jnp():
   x[3, [10, 400]] = np.nan  # the first NaN
   x[4] = -np.inf
   x[5, 1002] = np.nan
-  with cpu_kernels.small_matmuls():
-    got = jax.jit(lambda x: cpu_kernels.argmax(x) if cpu_kernels.wants_argmax(x) else None)(x)
+  got = jax.jit(cpu_kernels.argmax)(x)
   np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(x), axis=-1))
   assert list(np.asarray(got)[1:]) == [5, 1001, 10, 0, 1002]
 
 
-def test_scores_are_the_same_with_and_without_the_kernels(monkeypatch):
+def test_scores_are_the_same_with_and_without_the_kernels():
   prompts, continuations = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]], [[20, 21], [22], [23, 24, 25]]
 
-  def scores():
-    engine = _toy_engine(batch_size=3)
+  def scores(backend="auto"):
+    engine = _toy_engine(batch_size=3, backend=backend)
     return (engine.loglikelihood(prompts, continuations), engine.next_token_probs(prompts, [30, 31, 32]),
             "\n".join(program.as_text() for program in engine._programs.values()))
 
   loglik, probs, hlo = scores()
   assert "HumpbackGemm" in hlo and "HumpbackAttentionForward" in hlo
-  monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-  plain_loglik, plain_probs, hlo = scores()
+  plain_loglik, plain_probs, hlo = scores("xla")
   assert "Humpback" not in hlo
   np.testing.assert_allclose(loglik, plain_loglik, rtol=1e-5)
   np.testing.assert_allclose(probs, plain_probs, rtol=1e-5)
@@ -235,11 +232,11 @@ def test_rms_norm_and_its_gradients_equal_xla(rows, d):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
-def _train_losses(shape=(1, 1, 1), steps=3):
+def _train_losses(shape=(1, 1, 1), steps=3, backend="auto"):
   from configs import common
   from helpers import layout
   from humpback_jax import train
-  cfg = common.model_preset("toy", num_layers=2)
+  cfg = common.model_preset("toy", num_layers=2, backend=backend)
   rng = np.random.RandomState(0)
   tokens = rng.randint(3, cfg.vocab_size, (8, 129)).astype(np.int32)
   batch = dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=np.ones((8, 128), np.float32),
@@ -255,11 +252,10 @@ def _train_losses(shape=(1, 1, 1), steps=3):
   return np.array(losses), hlo
 
 
-def test_train_step_losses_are_the_same_with_and_without_the_kernels(monkeypatch):
+def test_train_step_losses_are_the_same_with_and_without_the_kernels():
   with_kernels, hlo = _train_losses()
   assert "HumpbackGemm" in hlo and "HumpbackAttentionBackward" in hlo and "HumpbackRmsNormBackward" in hlo
-  monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-  without, hlo = _train_losses()
+  without, hlo = _train_losses(backend="xla")
   assert "Humpback" not in hlo
   np.testing.assert_allclose(with_kernels, without, rtol=1e-5)
 
@@ -272,9 +268,8 @@ def test_sharded_train_step_keeps_plain_xla():
 
 def _greedy_head_ids(x, w):
   """Greedy-head ids and argmax over every logit of x @ w as the decode loop computes them."""
-  with cpu_kernels.small_matmuls():
-    every = jax.jit(lambda x, w: cpu_kernels.argmax(cpu_kernels.small_matmul(x, w)))(x, w)
-    pruned = jax.jit(lambda x, w: cpu_kernels.greedy_head(x, cpu_kernels.greedy_head_tables(w.T), w.T))(x, w)
+  every = jax.jit(lambda x, w: cpu_kernels.argmax(cpu_kernels.small_matmul(x, w)))(x, w)
+  pruned = jax.jit(lambda x, w: cpu_kernels.greedy_head(x, cpu_kernels.greedy_head_tables(w.T), w.T))(x, w)
   return np.asarray(pruned), np.asarray(every)
 
 

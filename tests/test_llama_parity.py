@@ -124,11 +124,11 @@ def test_qkv_split_gradient_equals_autodiff_of_the_slices():
 
 def test_gate_up_split_has_the_autodiff_gradient():
   """The fused gate/up GEMM's output [..., mlp, 2] splits with a stack as its gradient; same values."""
-  from humpback_jax.model import llama
+  from humpback_jax.model import ops
   rng = np.random.default_rng(1)
   y = jax.numpy.asarray(rng.normal(size=(2, 5, 7, 2)).astype(np.float32))
   cotangents = tuple(jax.numpy.asarray(rng.normal(size=(2, 5, 7)).astype(np.float32)) for _ in range(2))
-  out, custom_vjp = jax.vjp(llama._split_pair, y)
+  out, custom_vjp = jax.vjp(ops._split_pair, y)
   expected_out, plain_vjp = jax.vjp(lambda y: (y[..., 0], y[..., 1]), y)
   for a, b in zip(out, expected_out):
     np.testing.assert_array_equal(a, b)

@@ -10,15 +10,11 @@ picks its tokens with `greedy_head`, which computes only the logits an 8-bit bou
 (where the CPU has AVX-512 VNNI). The C++ source (AVX2/FMA) is compiled once per machine with the
 system C++ compiler against the FFI headers jaxlib ships, into `~/.cache/humpback_jax/kernels/` (or
 `$HUMPBACK_KERNEL_CACHE`), keyed by the source, compiler, jaxlib and CPU. Without a compiler or
-AVX2, on other backends, or with `HUMPBACK_CPU_KERNELS=0`, callers keep the plain-XLA path.
-Under a multi-device mesh XLA gathers the kernels' operands onto each device (correct, not fast):
-they serve single-device CPU decoding, which is how every host of ours decodes, and whole
-sequences only on a single-device mesh (`sequence_kernels`).
+AVX2, or with `HUMPBACK_CPU_KERNELS=0`, `available()` is False and `model/ops.py` (the one place
+that calls these) keeps the plain-XLA path; it also decides where each kernel applies.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import functools
 import hashlib
@@ -45,8 +41,6 @@ TARGETS = ("HumpbackPackedMatmul", "HumpbackPackedSwigluMatmul", "HumpbackPackWe
            "HumpbackGreedyHeadTables", "HumpbackGreedyHead")
 STRIP = 16  # columns per packed strip of a weight (common.h: kStrip)
 MAX_ROWS = 64  # larger decode batches keep XLA's GEMM
-_SMALL_MATMULS = contextvars.ContextVar("humpback_small_matmuls", default=False)
-_SEQUENCE_KERNELS = contextvars.ContextVar("humpback_sequence_kernels", default=False)
 # -ffp-contract=off: no implicit FMAs (the kernels write theirs; rotary must round as transformers does)
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -91,9 +85,9 @@ def build(compiler: str) -> Path:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-  """The kernels' shared library, built and its targets registered for this process's CPU backend;
-  None where they cannot run (the reason printed once)."""
-  if os.environ.get("HUMPBACK_CPU_KERNELS", "1") == "0" or jax.default_backend() != "cpu":
+  """The kernels' shared library, built and its targets registered for XLA:CPU; None where they
+  cannot run (the reason printed once)."""
+  if os.environ.get("HUMPBACK_CPU_KERNELS", "1") == "0":
     return None
   if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= _cpu_flags():
     return None
@@ -112,32 +106,8 @@ def _library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-  """True when the kernels are built and registered for this process's CPU backend."""
+  """True when the kernels are built and registered for XLA:CPU."""
   return _library() is not None
-
-
-@contextlib.contextmanager
-def _switched(switch: contextvars.ContextVar, value: bool):
-  token = switch.set(value)
-  try:
-    yield
-  finally:
-    switch.reset(token)
-
-
-def small_matmuls():
-  """While tracing inside this context, `wants_small_matmul` may say yes (see `small_matmul`).
-
-  `generate.decode` opens it around its while loop, where the weights are packed once per loop.
-  A single forward (prefill, scoring, training) would pay the packing for one use, so it stays out.
-  """
-  return _switched(_SMALL_MATMULS, True)
-
-
-def wants_small_matmul(x2d, w) -> bool:
-  """Whether `x2d @ w` should take the packed kernel: inside `small_matmuls()`, few float32 rows."""
-  return (_SMALL_MATMULS.get() and x2d.shape[0] <= MAX_ROWS and x2d.dtype == jnp.float32
-          and w.dtype == jnp.float32 and available())
 
 
 def _packed_strips(w_kn):
@@ -170,25 +140,12 @@ def small_swiglu_matmul(x_mk, w_kf2):
   return jax.ffi.ffi_call("HumpbackPackedSwigluMatmul", out)(x_mk, _packed_strips(w_kf2.reshape(k, 2 * f)))
 
 
-def wants_argmax(x) -> bool:
-  """Whether an argmax over the last axis of `x` should take the kernel: 2-D float32, in a decode loop."""
-  return _SMALL_MATMULS.get() and x.ndim == 2 and x.dtype == jnp.float32 and available()
-
-
 def argmax(x_rn):
   """First index of each row's maximum [rows] int32, a NaN counting as the maximum (as jnp.argmax)."""
   return jax.ffi.ffi_call("HumpbackArgmax", jax.ShapeDtypeStruct(x_rn.shape[:1], jnp.int32))(x_rn)
 
 
 GREEDY_HEAD_MIN_VOCAB = 8192  # smaller heads cost little next to the layers: the plain matmul + argmax
-
-
-def wants_greedy_head(w_nk) -> bool:
-  """Whether a decode loop's greedy steps should pick tokens with `greedy_head` rather than every
-  logit: inside `small_matmuls()`, a float32 head (transposed, [vocab, dim]) of at least
-  GREEDY_HEAD_MIN_VOCAB tokens, on a CPU with AVX-512 VNNI."""
-  return (_SMALL_MATMULS.get() and w_nk.ndim == 2 and w_nk.dtype == jnp.float32
-          and w_nk.shape[0] >= GREEDY_HEAD_MIN_VOCAB and greedy_head_built())
 
 
 def greedy_head_built() -> bool:
@@ -218,23 +175,11 @@ def greedy_head(x_mk, tables, w_nk):
   return jax.ffi.ffi_call("HumpbackGreedyHead", out)(x_mk, *tables, w_nk)
 
 
-def wants_decode_attention(q, k, v) -> bool:
-  """Whether single-query attention over this cache should take the kernel (float32, d % 8 == 0)."""
-  return (q.dtype == k.dtype == v.dtype == jnp.float32 and q.shape[-1] % 8 == 0 and available())
-
-
 def decode_attention(q_bkgd, k_bskd, v_bskd, visible_bs, scale: float):
   """Single-query attention: q [b, kv, group, d] over a [b, s, kv, d] cache, visible slots [b, s]."""
   out = jax.ShapeDtypeStruct(q_bkgd.shape, jnp.float32)
   return jax.ffi.ffi_call("HumpbackDecodeAttention", out)(
       q_bkgd, k_bskd, v_bskd, visible_bs.astype(jnp.int32), scale=np.float32(scale))
-
-
-def wants_decode_attention_step(qkv, cache_k, cache_v) -> bool:
-  """Whether a decode loop's layer should rotate, write its cache and attend in one kernel call:
-  inside `small_matmuls()`, one new token per row, float32, head_dim a multiple of 16."""
-  return (_SMALL_MATMULS.get() and qkv.ndim == 5 and qkv.shape[1] == 1 and qkv.shape[-1] % 16 == 0
-          and qkv.dtype == cache_k.dtype == cache_v.dtype == jnp.float32 and available())
 
 
 def decode_attention_step(qkv_bkxd, cos_bd, sin_bd, k_bskd, v_bskd, index, visible_bs, scale: float):
@@ -248,26 +193,6 @@ def decode_attention_step(qkv_bkxd, cos_bd, sin_bd, k_bskd, v_bskd, index, visib
   call = jax.ffi.ffi_call("HumpbackDecodeAttentionStep", outs, input_output_aliases={3: 1, 4: 2})
   return call(qkv_bkxd, cos_bd, sin_bd, k_bskd, v_bskd, jnp.asarray(index, jnp.int32),
               visible_bs.astype(jnp.int32), scale=np.float32(scale))
-
-
-def sequence_kernels(mesh):
-  """While tracing inside this context, float32 dense layers and attention over whole sequences
-  take the GEMM and sequence-attention kernels, gradients included, if `mesh` has one device.
-
-  The train step, prefill and scoring open it. Under a sharded mesh XLA would gather each
-  kernel's operands onto every device, so there they keep XLA's ops.
-  """
-  return _switched(_SEQUENCE_KERNELS, mesh.devices.size == 1)
-
-
-def wants_gemm(x2d, w) -> bool:
-  """Whether `x2d @ w` should take the GEMM kernel: inside `sequence_kernels()`, float32."""
-  return _SEQUENCE_KERNELS.get() and x2d.dtype == w.dtype == jnp.float32 and available()
-
-
-def wants_sequence_attention(q, k, v) -> bool:
-  """Whether attention of whole sequences should take the kernel: inside `sequence_kernels()`, float32."""
-  return _SEQUENCE_KERNELS.get() and q.dtype == k.dtype == v.dtype == jnp.float32 and available()
 
 
 def gemm(a, b, transpose_a: bool = False, transpose_b: bool = False):
@@ -327,13 +252,6 @@ def _attention_bwd(scale, residuals, dout):
 
 
 sequence_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def wants_rms_norm(x, scale) -> bool:
-  """Whether RMSNorm of `x` should take the kernel: float32, inside `sequence_kernels()` or a decode
-  loop's `small_matmuls()` (there it is one call where XLA ran ~3 small fusions per norm)."""
-  return ((_SEQUENCE_KERNELS.get() or _SMALL_MATMULS.get()) and x.dtype == scale.dtype == jnp.float32
-          and available())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -1,15 +1,31 @@
-"""The one attention dispatch point: masks from positions/segments, then the chosen kernel.
+"""Attention in plain XLA: masks from positions/segments, and the attention forms XLA runs.
 
-`xla` is `jax.nn.dot_product_attention` lowered by XLA on TPU and GPU; on CPU it is our own GQA
-forms and, for decoding, our FFI kernel. `cudnn` asks for the cuDNN flash kernel on NVIDIA GPUs;
-`auto` picks cuDNN on GPU and XLA elsewhere. A TPU splash kernel would be one more branch here.
+On CPU the grouped forms below are what XLA:CPU runs fastest; on TPU and GPU the XLA path is
+`jax.nn.dot_product_attention(implementation="xla")`. Which kernel a program uses (these, our CPU
+kernels, Pallas splash or cuDNN) is chosen in `ops.py`, the one backend seam.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
-from humpback_jax.kernels import cpu as cpu_kernels
+
+@struct.dataclass
+class Mask:
+  """Who attends whom. `dense` [b, 1, t, s] always; with `causal_by_index` (no cache: positions rise
+  along each packed example) query i sees exactly the keys at index <= i of its own segment, the
+  segment ids [b, t] / [b, s] (0 = padding) saying which: what splash attention takes instead."""
+  dense: jax.Array
+  q_segment: jax.Array | None = None
+  kv_segment: jax.Array | None = None
+  causal_by_index: bool = struct.field(pytree_node=False, default=False)
+
+
+def self_attention_mask(positions_bt, segment_ids_bt) -> Mask:
+  """The mask of packed sequences attending themselves (no cache)."""
+  dense = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
+  return Mask(dense, segment_ids_bt, segment_ids_bt, causal_by_index=True)
 
 
 def attention_mask(q_pos, q_seg, kv_pos, kv_seg):
@@ -23,31 +39,22 @@ def attention_mask(q_pos, q_seg, kv_pos, kv_seg):
   return (same & filled & causal)[:, None, :, :]
 
 
-def _impl(name: str) -> str:
-  if name == "auto":
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
-  return name
-
-
 CAUSAL_BLOCK = 64  # query block of the block-causal path (CPU, no cache)
 
 
-def dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask, impl: str = "xla", index_causal: bool = False):
+def xla_attention(q_btnh, k_bsnh, v_bsnh, mask: Mask, cpu_forms: bool = True):
   """Grouped-query attention; q [b, t, heads, d], k/v [b, s, kv_heads, d] -> [b, t, heads, d].
 
-  `index_causal` promises that no query attends a key at a later index (true without a KV cache:
-  positions increase along each packed example). Queries are then taken in blocks that each see
-  only the keys up to their block's end, skipping most of the masked upper triangle.
+  `cpu_forms`: the grouped forms XLA:CPU runs fastest; with `mask.causal_by_index` queries are taken
+  in blocks that each see only the keys up to their block's end, skipping most of the masked upper
+  triangle. Otherwise `jax.nn.dot_product_attention`, XLA's own form on TPU and GPU.
   """
-  impl = _impl(impl)
-  if impl == "xla" and jax.default_backend() == "cpu":
-    t = q_btnh.shape[1]
-    if t > 1 and cpu_kernels.wants_sequence_attention(q_btnh, k_bsnh, v_bsnh):
-      return cpu_kernels.sequence_attention(q_btnh, k_bsnh, v_bsnh, mask[:, 0], 1.0 / q_btnh.shape[-1] ** 0.5)
-    if index_causal and t == k_bsnh.shape[1] and t % CAUSAL_BLOCK == 0 and t > CAUSAL_BLOCK:
-      return _block_causal_attention(q_btnh, k_bsnh, v_bsnh, mask, CAUSAL_BLOCK)
-    return _grouped_attention(q_btnh, k_bsnh, v_bsnh, mask)
-  return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask=mask, implementation=impl)
+  if not cpu_forms:
+    return jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask=mask.dense, implementation="xla")
+  t = q_btnh.shape[1]
+  if mask.causal_by_index and t == k_bsnh.shape[1] and t % CAUSAL_BLOCK == 0 and t > CAUSAL_BLOCK:
+    return _block_causal_attention(q_btnh, k_bsnh, v_bsnh, mask.dense, CAUSAL_BLOCK)
+  return _grouped_attention(q_btnh, k_bsnh, v_bsnh, mask.dense)
 
 
 def _block_causal_attention(q, k, v, mask, block: int):
@@ -83,21 +90,18 @@ def _grouped_attention(q, k, v, mask):
 
 
 def _single_query_attention(q, k, v, mask):
-  """One query per row (decoding): our CPU kernel (kernels/attention.cc) when it applies.
+  """One query per row (decoding) over the cache as stored.
 
-  It reads only the visible slots, each row's cache front to back (~15x XLA's batched dot at
-  batch 32). The XLA form below does the value side as a multiply-and-reduce over the cache as
-  stored. XLA:CPU's batched dot wants its batch dims (batch, kv_heads) outermost, so the einsum form
-  copies the [b, s, kv_heads, d] cache per layer and step; probs @ V avoids that copy of V.
-  q @ K must stay a dot: jaxlib 0.10.2's XLA:CPU `__ynn_fusion` miscompiles the equivalent
-  broadcast-multiply-reduce when a device holds one row (b == 1) and head_dim >= 32 (garbage
-  logits, e.g. SmolLM2 with batch_size 1 or batch_size == device count).
+  The value side is a multiply-and-reduce over the [b, s, kv_heads, d] cache: XLA:CPU's batched dot
+  wants its batch dims (batch, kv_heads) outermost, so the einsum form copies the cache per layer
+  and step; probs @ V avoids that copy of V. q @ K must stay a dot: jaxlib 0.10.2's XLA:CPU
+  `__ynn_fusion` miscompiles the equivalent broadcast-multiply-reduce when a device holds one row
+  (b == 1) and head_dim >= 32 (garbage logits, e.g. SmolLM2 with batch_size 1 or batch_size ==
+  device count).
   """
   b, _, n, d = q.shape
   kv = k.shape[2]
   q = q.reshape(b, kv, n // kv, d)
-  if cpu_kernels.wants_decode_attention(q, k, v):
-    return cpu_kernels.decode_attention(q, k, v, mask[:, 0, 0, :], 1.0 / d ** 0.5).reshape(b, 1, n, d)
   logits = jnp.einsum("bkgd,bskd->bskg", q, k, preferred_element_type=jnp.float32)  # [b, s, kv, group]
   logits = logits * (1.0 / jnp.sqrt(jnp.float32(d)))
   logits = jnp.where(mask[:, 0, 0, :, None, None], logits, jnp.finfo(jnp.float32).min)

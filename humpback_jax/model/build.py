@@ -13,6 +13,7 @@ from flax import nnx
 
 from humpback_jax import sharding
 from humpback_jax.config import validate_model
+from humpback_jax.model import ops
 from humpback_jax.model.llama import Llama
 
 
@@ -67,11 +68,12 @@ def _model(cfg, params) -> Llama:
 
 
 def forward(cfg, params, tokens, positions=None, segment_ids=None, *, cache=None,
-            dropout_rng=None, layout=None, hidden_only: bool = False):
+            dropout_rng=None, layout=None, hidden_only: bool = False, backend=ops.XLA):
   """Pure forward pass: params dict + tokens [batch, len] -> (float32 logits, cache); with
-  `hidden_only`, the final-normed hidden states [batch, len, dim] instead of the logits."""
+  `hidden_only`, the final-normed hidden states [batch, len, dim] instead of the logits.
+  `backend` (ops.Backend) picks the kernels: plain XLA unless the caller resolved another."""
   return _model(cfg, params)(tokens, positions, segment_ids, cache=cache, dropout_rng=dropout_rng,
-                             layout=layout, hidden_only=hidden_only)
+                             layout=layout, hidden_only=hidden_only, backend=backend)
 
 
 def head_weight(cfg, params):

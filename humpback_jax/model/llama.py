@@ -15,9 +15,9 @@ import numpy as np
 from flax import nnx
 
 from humpback_jax.config import head_dim
-from humpback_jax.kernels import cpu as cpu_kernels
 from humpback_jax.model import attention
 from humpback_jax.model import cache as kv_cache
+from humpback_jax.model import ops
 
 REMAT_POLICIES = {
     "full": None,
@@ -34,24 +34,6 @@ def _noconstraint(x, names):
   return x
 
 
-def dense(x, w, in_dims: int = 1, out_dtype=None):
-  """x [..., *w.shape[:in_dims]] @ w -> [..., *w.shape[in_dims:]] as one 2-D matmul.
-
-  Leading dims are flattened first: XLA:CPU then keeps every operand in the row-major layout its
-  GEMM wants, where a 3-D einsum's backward makes slow transposed copies (bench/RESULTS.md).
-  """
-  lead = x.shape[:x.ndim - in_dims]
-  k = int(np.prod(w.shape[:in_dims]))
-  x2d, w2d = x.reshape(-1, k), w.reshape(k, -1).astype(x.dtype)
-  if cpu_kernels.wants_small_matmul(x2d, w2d):  # decoding on CPU: a few rows times every weight
-    y = cpu_kernels.small_matmul(x2d, w2d)
-  elif cpu_kernels.wants_gemm(x2d, w2d):  # the float32 train step on one CPU device
-    y = cpu_kernels.matmul(x2d, w2d)
-  else:
-    y = jnp.dot(x2d, w2d, preferred_element_type=out_dtype)
-  return y.reshape(*lead, *w.shape[in_dims:])
-
-
 class RMSNorm(nnx.Module):
   """x / rms(x) * scale, normalised in float32 as Hugging Face does."""
 
@@ -59,12 +41,8 @@ class RMSNorm(nnx.Module):
     self.eps = eps
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
 
-  def __call__(self, x):
-    if cpu_kernels.wants_rms_norm(x, self.scale[...]):  # CPU float32 on one device: a one-pass kernel
-      return cpu_kernels.rms_norm(x, self.scale[...], self.eps)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+  def __call__(self, x, backend=ops.XLA):
+    return ops.rms_norm(x, self.scale[...], self.eps, backend)
 
 
 def rope_frequencies(cfg) -> np.ndarray:
@@ -118,21 +96,24 @@ class Attention(nnx.Module):
     self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
     self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
     self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd)
-    self.impl = cfg.attention_impl
 
-  def __call__(self, x, cos, sin, mask, kv=None, index=None, constrain=_noconstraint):
+  def __call__(self, x, cos, sin, mask, kv=None, index=None, constrain=_noconstraint, backend=ops.XLA):
     dt = x.dtype
-    qkv = dense(x, self._qkv_weight())  # one GEMM: [b, t, kv_heads, group + 2, head_dim]
-    if kv is not None and cpu_kernels.wants_decode_attention_step(qkv, *kv):
-      return self._decode_step_on_cpu(qkv, cos, sin, mask, kv, index)
+    qkv = ops.dense(x, self._qkv_weight(), backend)  # one GEMM: [b, t, kv_heads, group + 2, head_dim]
+    if kv is not None and ops.fuses_decode_step(qkv, *kv, backend):  # rotary, cache write, attention
+      out, *kv = ops.decode_attention_step(qkv, cos, sin, *kv, index, mask)
+      return ops.dense(out, self.o[...], backend, in_dims=2), tuple(kv)
     q, k, v = _split_qkv(qkv)
     q = constrain(rotary(q.reshape(*x.shape[:-1], -1, q.shape[-1]), cos, sin), ("batch", "length", "heads", "head_dim"))
     k = constrain(rotary(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
     if kv is not None:  # decoding: append to the cache, attend over all of it
       kv = kv_cache.write(kv[0], kv[1], k, v, index)
       k, v = kv[0].astype(dt), kv[1].astype(dt)
-    out = attention.dot_product_attention(q, k, v, mask, self.impl, index_causal=kv is None)
-    return dense(out, self.o[...], in_dims=2), kv
+    if kv is not None and q.shape[1] == 1:
+      out = ops.decode_attention(q, k, v, mask, backend)
+    else:
+      out = ops.sequence_attention(q, k, v, mask, backend)
+    return ops.dense(out, self.o[...], backend, in_dims=2), kv
 
   def _qkv_weight(self):
     """q, k and v weights grouped per KV head, [dim, kv_heads, group + 2, head_dim]."""
@@ -140,14 +121,6 @@ class Attention(nnx.Module):
     kv = self.k.shape[1]
     return jnp.concatenate([self.q[...].reshape(d, kv, n // kv, h), self.k[...][:, :, None], self.v[...][:, :, None]],
                            axis=2)
-
-  def _decode_step_on_cpu(self, qkv, cos, sin, mask, kv, index):
-    """A decode loop's step in one kernel call: rotary, the cache write and attention (what XLA ran as
-    three small fusions around the attention kernel)."""
-    b, _, _, _, h = qkv.shape
-    out, cache_k, cache_v = cpu_kernels.decode_attention_step(qkv[:, 0], cos[:, 0], sin[:, 0], *kv, index,
-                                                              mask[:, 0, 0], 1.0 / h ** 0.5)
-    return dense(out.reshape(b, 1, -1, h), self.o[...], in_dims=2), (cache_k, cache_v)
 
 
 @jax.custom_vjp
@@ -181,34 +154,11 @@ class MLP(nnx.Module):
     self.up = _param(rngs, (cfg.dim, cfg.mlp_dim), ("embed", "mlp"), pd)
     self.down = _param(rngs, (cfg.mlp_dim, cfg.dim), ("mlp", "embed"), pd)
 
-  def __call__(self, x, constrain=_noconstraint):
-    # Gate and up as one GEMM over [dim, mlp, 2] (each device keeps its own mlp columns): one larger
-    # matmul, and in the backward one dx GEMM and one dW GEMM instead of two of each.
-    gate_up = jnp.stack([self.gate[...], self.up[...]], axis=-1).astype(x.dtype)
-    x2d = x.reshape(-1, x.shape[-1])
-    if cpu_kernels.wants_small_matmul(x2d, gate_up):  # decoding on CPU: SwiGLU in the matmul's epilogue
-      h = cpu_kernels.small_swiglu_matmul(x2d, gate_up).reshape(*x.shape[:-1], -1)
-    else:
-      gate, up = _split_pair(dense(x, gate_up))
-      h = jax.nn.silu(gate) * up
-    return dense(constrain(h, ("batch", "length", "mlp")), self.down[...])
-
-
-@jax.custom_vjp
-def _split_pair(y):
-  """[..., n, 2] -> y[..., 0], y[..., 1]; the gradient is one stack (not two padded slices added)."""
-  return y[..., 0], y[..., 1]
-
-
-def _split_pair_fwd(y):
-  return _split_pair(y), None
-
-
-def _split_pair_bwd(_, grads):
-  return (jnp.stack(grads, axis=-1),)
-
-
-_split_pair.defvjp(_split_pair_fwd, _split_pair_bwd)
+  def __call__(self, x, constrain=_noconstraint, backend=ops.XLA):
+    # Gate and up as one GEMM over [dim, mlp, 2]: one larger matmul, and in the backward one dx GEMM
+    # and one dW GEMM instead of two of each.
+    h = ops.swiglu(x, jnp.stack([self.gate[...], self.up[...]], axis=-1), backend)
+    return ops.dense(constrain(h, ("batch", "length", "mlp")), self.down[...], backend)
 
 
 def _dropout(x, rate, rng):
@@ -229,11 +179,12 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
     self.dropout_rate = cfg.dropout_rate
 
-  def __call__(self, x, cos, sin, mask, kv=None, index=None, dropout_rng=None, constrain=_noconstraint):
+  def __call__(self, x, cos, sin, mask, kv=None, index=None, dropout_rng=None, constrain=_noconstraint,
+               backend=ops.XLA):
     rngs = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-    h, kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, index, constrain)
+    h, kv = self.attn(self.attn_norm(x, backend), cos, sin, mask, kv, index, constrain, backend)
     x = x + _dropout(h, self.dropout_rate, rngs[0])
-    x = x + _dropout(self.mlp(self.mlp_norm(x), constrain), self.dropout_rate, rngs[1])
+    x = x + _dropout(self.mlp(self.mlp_norm(x, backend), constrain, backend), self.dropout_rate, rngs[1])
     return constrain(x, ("batch", "length", "embed")), kv
 
 
@@ -252,13 +203,14 @@ class Llama(nnx.Module):
     self.remat_policy = cfg.remat_policy
 
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, cache=None,
-               dropout_rng=None, layout=None, hidden_only: bool = False):
+               dropout_rng=None, layout=None, hidden_only: bool = False, backend=ops.XLA):
     """tokens [batch, len] -> (logits [batch, len, vocab] float32, cache or None).
 
     Without a cache, `segment_ids` (0 = padding) keep packed examples apart. With a cache,
     `positions` of -1 mark left padding and the new tokens are written at `cache.index`.
     `hidden_only` returns the final-normed hidden states [batch, len, dim] in place of the logits
     (their product with `head_weight()`), for a caller that needs no more than the logits' argmax.
+    `backend` (ops.py) picks the kernels.
     """
     b, t = tokens_bt.shape
     constrain = layout.constrain if layout is not None else _noconstraint
@@ -272,35 +224,36 @@ class Llama(nnx.Module):
     table_len = t if cache is None else cache.max_len
     cos, sin = rope_tables(self.inv_freq, positions_bt, table_len)
     if cache is None:
-      mask = attention.attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
+      mask = attention.self_attention_mask(positions_bt, segment_ids_bt)
     else:
       kv_pos = kv_cache.write_positions(cache, positions_bt)
-      mask = attention.attention_mask(positions_bt, jnp.ones_like(positions_bt), kv_pos,
-                                      (kv_pos >= 0).astype(jnp.int32))
+      mask = attention.Mask(attention.attention_mask(positions_bt, jnp.ones_like(positions_bt), kv_pos,
+                                                     (kv_pos >= 0).astype(jnp.int32)))
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = self._run_block(layer, x, cos, sin, mask, kv, None if cache is None else cache.index, rng, constrain)
+      x, kv = self._run_block(layer, x, cos, sin, mask, kv, None if cache is None else cache.index, rng, constrain,
+                              backend)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
-    x = self.final_norm(x)
+    x = self.final_norm(x, backend)
     if cache is not None:
       cache = kv_cache.KVCache(k=tuple(new_k), v=tuple(new_v), positions=kv_pos, index=cache.index + t)
     if hidden_only:
       return x, cache
-    logits = dense(x, self.head_weight(), out_dtype=jnp.float32)
+    logits = ops.dense(x, self.head_weight(), backend, out_dtype=jnp.float32)
     return constrain(logits, ("batch", "length", "vocab")), cache
 
   def head_weight(self):
     """The output projection [dim, vocab]: the embedding's transpose when tied."""
     return self.embed[...].T if self.lm_head is None else self.lm_head[...]
 
-  def _run_block(self, layer, x, cos, sin, mask, kv, index, rng, constrain):
+  def _run_block(self, layer, x, cos, sin, mask, kv, index, rng, constrain, backend):
     if self.remat_policy == "none" or kv is not None:
-      return layer(x, cos, sin, mask, kv, index, rng, constrain)
+      return layer(x, cos, sin, mask, kv, index, rng, constrain, backend)
     policy = REMAT_POLICIES[self.remat_policy]
-    run = nnx.remat(lambda blk, x, cos, sin, mask, rng: blk(x, cos, sin, mask, None, None, rng, constrain),
+    run = nnx.remat(lambda blk, x, cos, sin, mask, rng: blk(x, cos, sin, mask, None, None, rng, constrain, backend),
                     policy=policy)
     return run(layer, x, cos, sin, mask, rng)
