@@ -6,6 +6,8 @@ produces exactly the losses the uninterrupted run would have.
 """
 from __future__ import annotations
 
+import errno
+import shutil
 import signal
 import sys
 import time
@@ -67,6 +69,7 @@ def run(model_cfg, train_cfg, layout: sharding.Layout, loader, init_params, work
              dynamic_ncols=True)
   window_tokens, window_start = 0.0, time.perf_counter()
   last_loss = float("nan")
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   try:
     with _SigtermFlag() as sigterm:
       for step in range(start + 1, total_steps + 1):
@@ -80,6 +83,8 @@ def run(model_cfg, train_cfg, layout: sharding.Layout, loader, init_params, work
           where = f"{manager.directory}/{good}" if good is not None else "none (no checkpoint yet)"
           raise TrainingDiverged(f"step {step}: loss is {last_loss}; stopped. Last good checkpoint: {where}")
         window_tokens += float(metrics["tokens"])
+        if manager.should_save(step):
+          _check_space(Path(manager.directory), state_bytes)
         manager.save(step, args=_save_args(state, loader))
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}")
@@ -141,6 +146,16 @@ def _restore_or_init(manager, fns, loader, init_params):
   raise DataError(f"{manager.directory}: none of the checkpoints {steps} restores (they were moved to "
                   f"{Path(manager.directory).parent / 'checkpoints.corrupt'}); delete the stage folder to "
                   "train this stage from the start", path=manager.directory)
+
+
+def _check_space(directory: Path, needed: int) -> None:
+  """Raises ENOSPC naming the folder before a checkpoint that cannot fit is started: a save that
+  runs out of space fails inside orbax's writer threads, which print pages of tracebacks."""
+  directory.mkdir(parents=True, exist_ok=True)
+  free = shutil.disk_usage(directory).free
+  if free < needed:
+    raise OSError(errno.ENOSPC, f"No space left for a {needed / 2**20:.1f} MiB checkpoint "
+                  f"({free / 2**20:.1f} MiB free)", str(directory))
 
 
 def _set_aside(directory: Path, step: int) -> Path:

@@ -25,6 +25,7 @@ _OS_ADVICE = {
     errno.EPERM: "not permitted; fix its permissions or use another workdir",
     errno.EROFS: "on a read-only file system; use a workdir on a writable disk",
     errno.ENOTDIR: "a file where a folder is needed; remove it or choose another path",
+    errno.EEXIST: "exists and is not a folder; remove it or choose another path",
     errno.EISDIR: "a folder where a file is needed; choose a file path",
     errno.ENOENT: "does not exist; check the path",
 }
@@ -43,7 +44,8 @@ def describe(exc: BaseException, where: str = "") -> tuple[int, str]:
   if isinstance(exc, OSError):
     path = exc.filename or where
     advice = _OS_ADVICE.get(exc.errno, exc.strerror or str(exc))
-    return FILESYSTEM, f"{path}: {advice}"
+    detail = f" ({exc.strerror})" if exc.errno in (errno.ENOSPC,) and exc.strerror else ""
+    return FILESYSTEM, f"{path}: {advice}{detail}"
   text = str(exc)
   if "RESOURCE_EXHAUSTED" in text or "No space left" in text:  # tensorstore (orbax) reports ENOSPC so
     return FILESYSTEM, f"{where}: {_OS_ADVICE[errno.ENOSPC]}"

@@ -1,0 +1,86 @@
+"""Every user-facing failure is one line naming the file and what to do, with a documented exit code."""
+import contextlib
+import errno
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from humpback_jax import cli, user_errors
+
+TOY = str(Path(__file__).resolve().parents[2] / "configs" / "toy.py")
+
+
+def humpback(capsys, *argv):
+  code = cli.main(list(argv))
+  err = capsys.readouterr().err
+  return code, [line for line in err.splitlines() if line.startswith("humpback ")], err
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, *options):
+  """A small tmpfs at `path` (root only); the test is skipped where mounting is not allowed."""
+  path.mkdir(parents=True, exist_ok=True)
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)],
+                    capture_output=True).returncode:
+    pytest.skip("mounting a tmpfs needs root")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_workdir_that_is_a_file_is_named(tmp_path, capsys):
+  (tmp_path / "run").write_text("not a folder")
+  code, lines, err = humpback(capsys, "train", f"--config={TOY}", f"--workdir={tmp_path / 'run'}")
+  assert code == user_errors.FILESYSTEM and len(lines) == 1, err
+  assert f"{tmp_path / 'run'}: exists and is not a folder" in lines[0]
+
+
+def test_a_read_only_workdir_is_named(tmp_path, capsys):
+  with tmpfs(tmp_path / "ro", "ro", "size=1m") as ro:
+    code, lines, err = humpback(capsys, "train", f"--config={TOY}", f"--workdir={ro / 'run'}")
+  assert code == user_errors.FILESYSTEM and len(lines) == 1, err
+  assert f"{ro / 'run'}: on a read-only file system; use a workdir on a writable disk" in lines[0]
+
+
+def test_a_full_disk_before_a_checkpoint_is_named_and_the_command_exits(tmp_path, capsys):
+  with tmpfs(tmp_path / "small", "size=3m") as small:
+    code, lines, err = humpback(capsys, "train", f"--config={TOY}", f"--workdir={small / 'run'}",
+                                "--config.train.steps=2", "--config.train.checkpoint_every=1",
+                                "--config.mesh.shape=(-1,1,1)")
+  assert code == user_errors.FILESYSTEM and len(lines) == 1, err
+  assert "run/checkpoints: the disk is full; free space" in lines[0] and "MiB free" in lines[0]
+
+
+def test_verbose_adds_the_traceback(tmp_path, capsys):
+  (tmp_path / "run").write_text("not a folder")
+  code, lines, err = humpback(capsys, "train", f"--config={TOY}", f"--workdir={tmp_path / 'run'}", "--verbose")
+  assert code == user_errors.FILESYSTEM and "Traceback (most recent call last)" in err and len(lines) == 1
+
+
+def test_plan_with_zero_devices_is_a_usage_error(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["plan", f"--config={TOY}", "--devices=0"])
+  assert exit_.value.code == 2 and "--devices: must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exc, code, text", [
+    (OSError(errno.ENOSPC, "No space left on device", "/w/x"), user_errors.FILESYSTEM, "/w/x: the disk is full"),
+    (PermissionError(errno.EACCES, "Permission denied", "/w"), user_errors.FILESYSTEM, "/w: not writable"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/w/f/x"), user_errors.FILESYSTEM, "/w/f/x: a file where a folder"),
+    (ValueError("RESOURCE_EXHAUSTED: Failed writing ... No space left on device"), user_errors.FILESYSTEM,
+     "/w: the disk is full"),
+    (KeyError("x"), user_errors.INTERNAL, "internal error KeyError: 'x'; rerun with --verbose"),
+])
+def test_each_error_kind_has_its_exit_code_and_one_line(exc, code, text):
+  got, message = user_errors.describe(exc, "/w")
+  assert got == code and text in message and "\n" not in message
+
+
+def test_the_exit_codes_are_documented_in_help_and_readme():
+  help_text = cli.build_parser().format_help()
+  readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+  for code in ("0", "1", "2", "3", "4", "5", "70"):
+    assert f"{code} " in help_text.split("exit codes:")[1]
+  assert "exit code" in readme.lower() and "| 3 |" in readme
