@@ -250,18 +250,26 @@ def _shutdown_together() -> None:
 
 
 def _run(args, overrides) -> None:
-  """Runs one command, holding the folder it writes for the whole run."""
+  """Runs one command, holding the folder it writes for the whole run. A single process takes the
+  lock before JAX even loads, so a refused run stops at once; a multi-process job takes it from
+  process 0 once the processes can agree on the verdict."""
   if args.command == "plan":
     return COMMANDS[args.command](args, overrides)
-  import jax
   from humpback_jax import distributed, workdir_lock
-  distributed.initialize()
-  folder = getattr(args, WRITES[args.command]) if args.command in WRITES else None
+  flag = WRITES.get(args.command)
+  folder = Path(getattr(args, flag)) if flag else None
+  holder = f"humpback {args.command} --{flag}={folder}"
   if folder is None:
+    distributed.initialize()
     COMMANDS[args.command](args, overrides)
+  elif distributed.launched_multi_process():
+    distributed.initialize()
+    import jax
+    with workdir_lock.hold(folder, holder, process_index=jax.process_index(), process_count=jax.process_count()):
+      COMMANDS[args.command](args, overrides)
   else:
-    with workdir_lock.hold(Path(folder), " ".join(["humpback", args.command, f"{WRITES[args.command]}={folder}"]),
-                           process_index=jax.process_index(), process_count=jax.process_count()):
+    with workdir_lock.hold(folder, holder):
+      distributed.initialize()
       COMMANDS[args.command](args, overrides)
   _shutdown_together()
 

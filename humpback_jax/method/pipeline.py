@@ -247,6 +247,20 @@ class Run:
     return cfg
 
 
+PIPELINE_SECTIONS = ("model", "mesh", "base", "tokenizer", "data", "corpus", "train", "generate", "pipeline")
+
+
+def check_pipeline_config(cfg) -> None:
+  """A ConfigError naming the sections a config lacks to run the whole method (a model-only config)."""
+  missing = [name for name in PIPELINE_SECTIONS if name not in cfg]
+  if not missing and not cfg.base.checkpoint and "pretrain" not in cfg:
+    missing = ["pretrain (needed when base.checkpoint is empty)"]
+  if missing:
+    raise ConfigError(f"--config: not a pipeline config: it has no {', '.join(missing)} section(s); run the "
+                      "method with a pipeline config (configs/toy.py, configs/smollm2_135m.py) and use model "
+                      "configs with `humpback train` or `humpback plan`")
+
+
 def select_stages(cfg, start: str | None, until: str | None) -> list[str]:
   """The stages between --from and --until (inclusive); unknown names fail listing the known ones."""
   names = stage_names(cfg)
@@ -261,6 +275,7 @@ def select_stages(cfg, start: str | None, until: str | None) -> list[str]:
 def run_pipeline(cfg, workdir: Path, layout, *, start: str | None = None, until: str | None = None,
                  progress: bool = True) -> Path:
   """Runs (or resumes) the method; `start` forces that stage and later ones to run again."""
+  check_pipeline_config(cfg)
   run = Run(cfg, workdir, layout, progress)
   chosen = select_stages(cfg, start, until)
   if start and jax.process_index() == 0:

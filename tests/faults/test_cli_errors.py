@@ -84,3 +84,9 @@ def test_the_exit_codes_are_documented_in_help_and_readme():
   for code in ("0", "1", "2", "3", "4", "5", "70"):
     assert f"{code} " in help_text.split("exit codes:")[1]
   assert "exit code" in readme.lower() and "| 3 |" in readme
+
+
+def test_a_model_only_config_in_pipeline_names_the_missing_sections(tmp_path, capsys):
+  code, lines, err = humpback(capsys, "pipeline", "--config=configs/llama.py:variant=65b", f"--workdir={tmp_path / 'run'}")
+  assert code == user_errors.BAD_INPUT and len(lines) == 1, err
+  assert "--config: not a pipeline config: it has no base, data, corpus, pipeline section(s)" in lines[0]

@@ -89,3 +89,15 @@ def test_a_run_refused_by_the_lock_stops_before_touching_the_workdir(tmp_path):
     assert f"in use by another run (pid {os.getpid()}" in done.stderr
     assert all(p.name.startswith(".humpback.lock") for p in (tmp_path / "run").iterdir())
     print(f"refused after {time.time() - start:.1f} s")
+
+
+def test_a_two_process_job_on_a_held_workdir_stops_on_every_process(tmp_path):
+  env = dict(os.environ, HUMPBACK_LOG_DIR=str(tmp_path / "logs"), HUMPBACK_DEVICES_PER_PROCESS="1")
+  with workdir_lock.hold(tmp_path / "run", "humpback pipeline"):
+    done = subprocess.run(["launch/local_cpu.sh", "2", sys.executable, "-m", "humpback_jax.cli", "train",
+                           "--config=configs/toy.py", f"--workdir={tmp_path / 'run'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  logs = {p.name: p.read_text() for p in sorted((tmp_path / "logs").glob("*.log"))}
+  assert done.returncode != 0 and len(logs) == 2, logs
+  assert f"in use by another run (pid {os.getpid()}" in logs["process_0.log"]
+  assert "process 0 could not take the workdir lock" in logs["process_1.log"]
