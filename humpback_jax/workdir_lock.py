@@ -44,8 +44,6 @@ def read_holder(workdir: Path) -> Holder | None:
   """The current holder, or None when the workdir is not locked (or the lock file is unreadable)."""
   try:
     return Holder(**json.loads(lock_path(workdir).read_text()))
-  except FileNotFoundError:
-    return None
   except (OSError, ValueError, TypeError):
     return None
 
@@ -94,9 +92,9 @@ def acquire(workdir: Path, command: str) -> Holder:
     if path.exists() and not _is_stale(holder):
       raise LockError(f"{workdir}: in use by another run ({holder.describe()}); wait for it to finish, "
                       f"stop it, or use another workdir", path=path)
-    if holder is not None:
-      print(f"warning: {path}: taking over the lock of {holder.describe()}, which is no longer running",
-            file=sys.stderr)
+    if path.exists():
+      gone = f"the lock of {holder.describe()}, which is no longer running" if holder else "an unreadable lock"
+      print(f"warning: {path}: taking over {gone}", file=sys.stderr)
     path.unlink(missing_ok=True)
     if not _try_create(path, me):
       taken = read_holder(workdir)

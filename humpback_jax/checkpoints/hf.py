@@ -100,7 +100,13 @@ def read_config(folder: Path):
   path = Path(folder) / "config.json"
   if not path.exists():
     raise DataError(f"{path}: missing; a Hugging Face checkpoint folder needs config.json", path=path)
-  return from_hf_config(json.loads(path.read_text()))
+  try:
+    return from_hf_config(json.loads(path.read_text()))
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}: not valid JSON ({e})", path=path) from None
+  except KeyError as e:
+    raise DataError(f"{path}: field {e.args[0]!r} is missing; a LLaMA config.json needs it", path=path,
+                    field=str(e.args[0])) from None
 
 
 def open_hf_tensors(folder: Path) -> dict[str, np.ndarray]:

@@ -151,3 +151,13 @@ def test_a_truncated_gguf_names_the_file(tmp_path, params, keep_fraction):
     f.truncate(int(os.path.getsize(path) * keep_fraction))
   with pytest.raises(DataError, match=r"m.gguf: (truncated or malformed GGUF|tensor '[\w.]+' needs bytes)"):
     api.load(path, layout=layout())
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", r"config.json: not valid JSON"),
+    (json.dumps(dict(vocab_size=128, hidden_size=64)), r"config.json: field 'num_attention_heads' is missing"),
+])
+def test_a_broken_config_json_is_named(hf_folder, tmp_path, capsys, text, message):
+  (hf_folder / "config.json").write_text(text)
+  code, err = convert(hf_folder, tmp_path / "ours", capsys)
+  assert code == 2 and __import__("re").search(message, err), err
