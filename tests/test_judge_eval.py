@@ -98,3 +98,10 @@ def test_eval_judge_on_a_toy_model_reports_what_its_scores_give_by_hand(toy_chec
         assert (want is None and got != got) or got == pytest.approx(want)
   same = [(g is not None and g >= 4) == (e >= 4) for g, e in ((p["generate"], p["expected"]) for p in pairs)]
   assert rep["agreement"]["4"] == pytest.approx(sum(same) / len(same))
+
+
+def test_categories_report_mean_label_and_mean_scored_value():
+  rep = judge_eval.report([5, 1, 1], {"expected": [4.0, 2.0, 3.0], "generate": [5, None, 2]},
+                          ["assistant", "off_topic", "off_topic"])
+  assert rep["categories"]["off_topic"] == dict(pairs=2, label=1.0, expected=2.5, generate=2.0)
+  assert rep["categories"]["assistant"] == dict(pairs=1, label=5.0, expected=4.0, generate=5.0)

@@ -74,7 +74,7 @@ def run(model, cfg, rows: list[dict], modes, *, batch_size: int = 16) -> tuple[d
     records[mode] = judge(engine, model.tokenizer, cfg, rows, mode)
     seconds[mode] = time.perf_counter() - start
   values = {mode: [value(r, mode) for r in records[mode]] for mode in modes}
-  rep = dict(report([r["label"] for r in rows], values), seconds=seconds,
+  rep = dict(report([r["label"] for r in rows], values, [r.get("category") for r in rows]), seconds=seconds,
              skipped_too_long=engine.stats.skipped_too_long)
   pairs = [dict(id=r["id"], label=r["label"], **{m: values[m][i] for m in modes},
                 judge_output=records["generate"][i].judge_output if "generate" in records else None)
@@ -123,10 +123,26 @@ def agreement(first, second, k: float) -> float:
   return float(np.mean(same)) if same else float("nan")
 
 
-def report(labels, values_by_mode: dict[str, list]) -> dict:
-  """Every figure eval-judge prints: per mode metrics at each k, AUC, confusion; agreement."""
+def by_category(categories, labels, values_by_mode: dict[str, list]) -> dict[str, dict]:
+  """Per dev-set category: pairs, mean label, and each mode's mean value over the pairs it scored."""
+  out = {}
+  for name in sorted(set(categories)):
+    idx = [i for i, c in enumerate(categories) if c == name]
+    row = dict(pairs=len(idx), label=float(np.mean([labels[i] for i in idx])))
+    for mode, values in values_by_mode.items():
+      scored = [values[i] for i in idx if values[i] is not None]
+      row[mode] = float(np.mean(scored)) if scored else float("nan")
+    out[name] = row
+  return out
+
+
+def report(labels, values_by_mode: dict[str, list], categories=None) -> dict:
+  """Every figure eval-judge prints: per mode metrics at each k, AUC, confusion; agreement; and
+  per-category means when the pairs name a category."""
   out = dict(pairs=len(labels), label_counts={l: int(np.sum(np.asarray(labels) == l)) for l in LABELS},
              modes={})
+  if categories is not None and all(isinstance(c, str) for c in categories):
+    out["categories"] = by_category(categories, labels, values_by_mode)
   for mode, values in values_by_mode.items():
     out["modes"][mode] = dict(
         unscored=sum(v is None for v in values),
@@ -153,6 +169,11 @@ def format_report(rep: dict) -> str:
   if "agreement" in rep:
     lines += ["", "agreement of keep decisions between modes: "
               + ", ".join(f"k={k}: {a:.3f}" for k, a in rep["agreement"].items())]
+  if "categories" in rep:
+    modes = list(rep["modes"])
+    lines += ["", "by category: pairs, mean label, mean score per mode (" + ", ".join(modes) + ")"]
+    lines += [f"  {name:18s} {c['pairs']:4d}  {c['label']:4.2f}" + "".join(f"  {c[m]:4.2f}" for m in modes)
+              for name, c in rep["categories"].items()]
   if "seconds" in rep:
     lines += [f"seconds: " + ", ".join(f"{m} {s:.1f}" for m, s in rep["seconds"].items())
               + f"; prompts skipped as too long: {rep['skipped_too_long']}"]
