@@ -11,6 +11,7 @@ import pytest
 
 from humpback_jax import configlib
 from humpback_jax.errors import ConfigError
+from humpback_jax.data import tfds_datasets
 from humpback_jax.method import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def test_killed_during_augmentation_and_curation_completes_with_every_id_once(tm
   done = subprocess.run(command(work), cwd=ROOT, env=env(), capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "report: " in done.stdout
-  segments = ids(work / "prepare_corpus" / "segments.jsonl")
+  segments = [r["id"] for r in tfds_datasets.read_dataset(work / "datasets", "segments")]  # prepare_corpus's output
   augmented = [i for p in sorted(augment_shards.glob("part-*.jsonl")) for i in ids(p)]
   assert sorted(augmented) == sorted(segments) and len(set(augmented)) == len(augmented)
   candidates = ids(work / "augment" / "candidates.jsonl")

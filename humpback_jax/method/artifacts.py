@@ -93,16 +93,6 @@ def as_dict(record) -> dict:
 # ---------------------------------------------------------------------------- file digests
 
 
-def file_digest(path: Path) -> dict:
-  """{"records": non-blank lines, "sha256": hex digest} of a JSONL file, streamed."""
-  h, records = hashlib.sha256(), 0
-  with open(path, "rb") as f:
-    for line in f:
-      h.update(line)
-      records += bool(line.strip())
-  return dict(records=records, sha256=h.hexdigest())
-
-
 def folder_digest(folder: Path) -> dict:
   """{"files": {relative path: {"bytes", "sha256"}}} of every file under a folder (a model)."""
   files = {}
@@ -135,7 +125,7 @@ def check_file(path: Path, recorded: dict, writer: str) -> None:
   path = Path(path)
   if not path.exists():
     raise DataError(f"{path}: missing, but the {writer} manifest lists it; rerun with --from={writer}", path=path)
-  found = file_digest(path)
+  found = shards.digest(path)
   if found != {k: recorded.get(k) for k in found}:
     raise DataError(f"{path}: has {found['records']} records (sha256 {found['sha256'][:12]}), but the {writer} "
                     f"manifest records {recorded.get('records')} (sha256 {str(recorded.get('sha256'))[:12]}); the "
@@ -162,7 +152,7 @@ def write_records(path: Path, records: Iterable) -> dict:
   """Writes records as JSONL atomically; returns the file's digest for the manifest."""
   Path(path).parent.mkdir(parents=True, exist_ok=True)
   shards.write_atomic(path, (as_dict(r) for r in records))
-  return file_digest(path)
+  return shards.digest(path)
 
 
 def read_records(path: Path, cls: type[Record]) -> list[Record]:

@@ -1,15 +1,12 @@
 """A newest checkpoint that does not restore is set aside, named, and the previous complete one is used."""
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_train_loop import run  # noqa: E402  (the tiny training run of the loop's own tests)
-
-from humpback_jax.errors import DataError  # noqa: E402
+from humpback_jax.errors import DataError
+from test_train_loop import run  # the tiny training run of the loop's own tests (tests/ is on the path)
 
 
 def damage(step_dir: Path) -> None:

@@ -53,10 +53,14 @@ def test_release_leaves_a_lock_taken_over_by_another_run_alone(tmp_path):
 
 
 FAST = ["--config=configs/toy.py", "--until=prepare_corpus"]
+# Through the first trained models and the augmentation (minutes on 2 cores): `-m slow`.
+THROUGH_AUGMENT = ["--config=configs/toy.py", "--until=augment", "--config.pretrain.steps=4", "--config.train.steps=2",
+                   "--config.generate.max_new_tokens=4", "--config.generate.shard_size=32",
+                   "--config.generate.batch_size=16", "--config.generate.prompt_buckets=(512,1024,2048)"]
 
 
-def pipeline(workdir):
-  return subprocess.Popen([sys.executable, "-m", "humpback_jax.cli", "pipeline", f"--workdir={workdir}", *FAST],
+def pipeline(workdir, flags=FAST):
+  return subprocess.Popen([sys.executable, "-m", "humpback_jax.cli", "pipeline", f"--workdir={workdir}", *flags],
                           cwd=ROOT, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
@@ -66,18 +70,30 @@ def artifacts(workdir: Path) -> dict:
   return {p.parent.name: json.loads(p.read_text())["outputs"] for p in sorted(workdir.glob("*/manifest.json"))}
 
 
-def test_two_pipelines_started_at_once_one_runs_the_other_exits_naming_the_holder(tmp_path):
-  first, second = pipeline(tmp_path / "run"), pipeline(tmp_path / "run")
-  results = [(p, *p.communicate(timeout=600)) for p in (first, second)]
+def two_at_once_then_alone(tmp_path, flags) -> tuple[dict, dict]:
+  """Starts two pipelines on one workdir at once, checks one ran and one was refused, then runs one
+  alone on a fresh workdir; returns both workdirs' recorded outputs."""
+  first, second = pipeline(tmp_path / "run", flags), pipeline(tmp_path / "run", flags)
+  results = [(p, *p.communicate(timeout=1800)) for p in (first, second)]
   codes = sorted(p.returncode for p, _, _ in results)
   assert codes == [0, 3], [(p.returncode, err[-2000:]) for p, _, err in results]
   (_, _, refused_err), = [r for r in results if r[0].returncode == 3]
   assert "in use by another run (pid " in refused_err and len(refused_err.strip().splitlines()) == 1
-  alone = pipeline(tmp_path / "alone")
-  assert alone.wait(timeout=600) == 0
-  assert artifacts(tmp_path / "run") == artifacts(tmp_path / "alone")
-  assert set(artifacts(tmp_path / "run")) == {"prepare_seed", "prepare_corpus"}
+  alone = pipeline(tmp_path / "alone", flags)
+  assert alone.wait(timeout=1800) == 0
   assert not workdir_lock.lock_path(tmp_path / "run").exists()
+  return artifacts(tmp_path / "run"), artifacts(tmp_path / "alone")
+
+
+def test_two_pipelines_started_at_once_one_runs_the_other_exits_naming_the_holder(tmp_path):
+  together, alone = two_at_once_then_alone(tmp_path, FAST)
+  assert together == alone and set(together) == {"prepare_seed", "prepare_corpus"}
+
+
+@pytest.mark.slow
+def test_two_pipelines_through_augmentation_give_the_uninterrupted_candidates(tmp_path):
+  together, alone = two_at_once_then_alone(tmp_path, THROUGH_AUGMENT)
+  assert together["augment"] == alone["augment"] and together["augment"]["candidates.jsonl"]["records"] > 0
 
 
 def test_a_run_refused_by_the_lock_stops_before_touching_the_workdir(tmp_path):
