@@ -1,18 +1,25 @@
 """Shared pieces of every config: model sizes, mesh layouts, and the method's defaults.
 
 Configs are data (big_vision style): `get_config(arg)` in each file builds a ConfigDict from
-these presets. Every number the paper fixes sits here with the paper's value as default.
+these presets. Every number the paper fixes sits here with the paper's value as default, except the
+corpus filters', which `humpback_jax/data/corpus.py` (CORPUS_DEFAULTS) defines and checks. The model
+config's schema and every check of a run config are `humpback_jax/config.py`.
 """
 from __future__ import annotations
 
+from importlib import resources
+
 import ml_collections
 
-from humpback_jax import tokenizer
+from humpback_jax import prompts, tokenizer
 from humpback_jax.config import model_config
 from humpback_jax.errors import ConfigError
 
-LLAMA2_INST = "[INST] {instruction} [/INST]"
+# Chat templates (defined in tokenizer.py), named here for the config files.
+LLAMA2_INST = tokenizer.LLAMA2_INST
 CHATML = tokenizer.CHATML  # SmolLM2's: its template adds a default system turn
+# The embedded toy corpus, seed set and tokenizer.
+TOY_ASSETS = resources.files("humpback_jax") / "assets" / "toy"
 
 
 def _llama1(dim, layers, heads, mlp):
@@ -123,7 +130,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       compute_dtype="float32", param_dtype="float32",
       seed=0,
       log_every=10, checkpoint_every=100, keep_checkpoints=2,
-      peak_flops=190e9,                              # per device, for MFU; 190 GFLOP/s = this CPU's fp32 peak
+      peak_flops=190e9,                              # per device, for MFU: a CPU's fp32 peak (bench/RESULTS.md)
       on_bad_record="raise",                         # or "skip" (counted)
   ))
   cfg.update(overrides)
@@ -153,23 +160,8 @@ def pipeline_config(**overrides) -> ml_collections.ConfigDict:
       judge_max_new_tokens=256,   # open
       fresh_from_base=True,       # paper: every M_t starts from the base model
       seed_only_tags=(),          # M_0 is trained on seed alone: no tags (the paper tags only mixtures)
-      inference_tags=("Answer in the style of an AI Assistant.", "Answer with knowledge from web search."),
+      inference_tags=(prompts.SEED_TAG, prompts.WEB_TAG),
   ))
-  cfg.update(overrides)
-  return cfg
-
-
-def corpus_config(**overrides) -> ml_collections.ConfigDict:
-  """Corpus filters: METHOD.md's later report (600-3,000 chars, headers, repeated sentences)."""
-  cfg = ml_collections.ConfigDict(dict(
-      min_chars=600, max_chars=3000, header_capital_share=0.5, max_repeated_sentence_share=0.0,
-      near_dup_threshold=0.8, num_perm=128, bands=16,
-      text_mode="paragraphs",     # plain text: paragraphs packed into 600-3,000-char windows, or "document"
-      engine="local",             # or "beam": the same steps as an Apache Beam pipeline (`.[beam]` extra)
-      # Beam PipelineOptions as command-line flags (e.g. "--runner=DataflowRunner --project=..."):
-      # by default Beam's DirectRunner on 2 worker processes of this machine.
-      beam_options=("--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing "
-                    "--default_sdk_harness_log_level=ERROR")))
   cfg.update(overrides)
   return cfg
 

@@ -4,13 +4,10 @@
   humpback pipeline --config=configs/smollm2_135m.py --workdir=runs/smollm2
 The toy corpus and seed set are used unless `config.data.*` names others.
 """
-from importlib import resources
-
 import ml_collections
 
 from configs import common
-
-ASSETS = resources.files("humpback_jax") / "assets" / "toy"
+from humpback_jax.data import corpus
 
 
 def get_config(arg=None):
@@ -22,8 +19,9 @@ def get_config(arg=None):
   config.mesh = common.mesh_preset(arg.mesh)
   config.base = ml_collections.ConfigDict(dict(checkpoint=gguf, format="gguf"))
   config.tokenizer = ml_collections.ConfigDict(dict(path=gguf, chat_template=common.CHATML))
-  config.data = common.data_config(seed_path=str(ASSETS / "seed.jsonl"), corpus_path=str(ASSETS / "corpus"))
-  config.corpus = common.corpus_config()
+  config.data = common.data_config(seed_path=str(common.TOY_ASSETS / "seed.jsonl"),
+                                   corpus_path=str(common.TOY_ASSETS / "corpus"))
+  config.corpus = ml_collections.ConfigDict(corpus.corpus_config())  # data/corpus.py: the keys and defaults
   config.train = common.train_config(steps=10, small_data_batch_size=4, seq_len=512, checkpoint_every=5, log_every=5)
   config.generate = common.generate_config(max_new_tokens=64, batch_size=8, prompt_buckets=(256, 512, 1024, 2048),
                                            shard_size=32)

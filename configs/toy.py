@@ -7,13 +7,10 @@ The toy judge (a 1M-parameter model) cannot write "Score: N", so the toy run cur
 expected-score judge; `configs/toy.py:curation=generate` runs the paper-faithful parser instead
 (expect every output counted as unparsable and an empty curated set).
 """
-from importlib import resources
-
 import ml_collections
 
 from configs import common
-
-ASSETS = resources.files("humpback_jax") / "assets" / "toy"
+from humpback_jax.data import corpus
 
 
 def get_config(arg=None):
@@ -22,10 +19,11 @@ def get_config(arg=None):
   config.model = common.model_preset("toy")
   config.mesh = common.mesh_preset(arg.mesh)
   config.base = ml_collections.ConfigDict(dict(checkpoint="", format="auto"))  # empty: pretrain
-  config.tokenizer = ml_collections.ConfigDict(dict(path=str(ASSETS / "tokenizer.model"),
+  config.tokenizer = ml_collections.ConfigDict(dict(path=str(common.TOY_ASSETS / "tokenizer.model"),
                                                     chat_template=common.LLAMA2_INST))
-  config.data = common.data_config(seed_path=str(ASSETS / "seed.jsonl"), corpus_path=str(ASSETS / "corpus"))
-  config.corpus = common.corpus_config()
+  config.data = common.data_config(seed_path=str(common.TOY_ASSETS / "seed.jsonl"),
+                                   corpus_path=str(common.TOY_ASSETS / "corpus"))
+  config.corpus = ml_collections.ConfigDict(corpus.corpus_config())  # data/corpus.py: the keys and defaults
   # Toy-only: the from-scratch base model. The paper starts from a pretrained LLaMA instead.
   config.pretrain = ml_collections.ConfigDict(dict(steps=300, batch_size=16, seq_len=256, learning_rate=3e-3,
                                                    end_learning_rate=3e-4, warmup_steps=20, schedule="cosine"))

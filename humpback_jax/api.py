@@ -17,10 +17,9 @@ import numpy as np
 
 from humpback_jax import sharding, tokenizer as tokenizer_lib
 from humpback_jax.checkpoints import hf, model_dir
+from humpback_jax.config import frozen
 from humpback_jax.errors import DataError
 from humpback_jax.model import build
-
-LLAMA2_INST = "[INST] {instruction} [/INST]"
 
 
 def detect_format(path: Path) -> str:
@@ -53,14 +52,14 @@ def load_weights(path: Path, layout: sharding.Layout, *, fmt: str = "auto", dtyp
     params = model_dir.restore_params(path, cfg, layout)
     tok_file = model_dir.tokenizer_path(path, meta)
     tok = tokenizer_lib.load_tokenizer(tok_file) if tok_file else None
-    return cfg, params, tok, meta.get("chat_template") or LLAMA2_INST
+    return cfg, params, tok, meta.get("chat_template") or tokenizer_lib.LLAMA2_INST
   if fmt == "hf":
     cfg = hf.read_config(path)
     _set_dtype(cfg, dtype)
     params = hf.load_params(path, cfg, layout)
     has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
     tok = tokenizer_lib.load_tokenizer(path) if has_tok else None
-    return cfg, params, tok, LLAMA2_INST
+    return cfg, params, tok, tokenizer_lib.LLAMA2_INST
   if fmt == "gguf":
     from humpback_jax.checkpoints import gguf
     cfg = gguf.read_config(path)
@@ -89,7 +88,7 @@ class Model:
     ids = np.asarray(token_ids, dtype=np.int32)
     squeeze = ids.ndim == 1
     ids = ids[None] if squeeze else ids
-    out = np.asarray(_logits_fn(self.cfg.to_json(), self.layout)(self.params, jnp.asarray(ids)))
+    out = np.asarray(_logits_fn(frozen(self.cfg), self.layout)(self.params, jnp.asarray(ids)))
     return out[0] if squeeze else out
 
   @functools.cached_property
@@ -128,8 +127,7 @@ class Model:
 
 
 @functools.lru_cache(maxsize=8)
-def _logits_fn(cfg_json: str, layout: sharding.Layout):
-  cfg = ml_collections.ConfigDict(__import__("json").loads(cfg_json))
+def _logits_fn(cfg: ml_collections.FrozenConfigDict, layout: sharding.Layout):
   return jax.jit(lambda p, t: build.forward(cfg, p, t, layout=layout)[0])
 
 

@@ -1,11 +1,14 @@
-"""Model configuration as data: defaults, conversion from Hugging Face `config.json`, and checks.
+"""The model config's schema (every field and its default), conversion from and to Hugging Face
+`config.json`, and every static check of a run config (model, mesh, batch splits, curation share).
 
-Every check here runs before anything is compiled and names the config field at fault.
+Every check here runs before anything is compiled and names the config field at fault. Loading a
+config file is `configlib.py`; the presets the files build from are `configs/common.py`.
 """
 from __future__ import annotations
 
 import ml_collections
 
+from humpback_jax import sharding
 from humpback_jax.errors import ConfigError
 
 BACKENDS = ("auto", "xla", "cpu_kernels", "pallas_tpu", "cudnn")  # model/ops.py
@@ -46,6 +49,12 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
+def frozen(cfg) -> ml_collections.FrozenConfigDict:
+  """A hashable, immutable view of `cfg` (equal configs give equal views, locked or not): what
+  in-process caches of compiled programs and abstract models key on."""
+  return ml_collections.FrozenConfigDict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
+
+
 def head_dim(cfg) -> int:
   """The per-head width: `head_dim` when set, else dim // num_heads."""
   return cfg.head_dim or cfg.dim // cfg.num_heads
@@ -71,6 +80,29 @@ def validate_model(cfg) -> None:
       raise ConfigError(f"model.{field}: {value!r} is not one of {allowed}")
   if not 0.0 <= cfg.dropout_rate < 1.0:
     raise ConfigError(f"model.dropout_rate: must be in [0, 1), got {cfg.dropout_rate}")
+
+
+def check(cfg, num_devices: int) -> None:
+  """All static checks of a run config: model fields, mesh shape vs devices, heads vs tensor axis,
+  batch splits, the curation share."""
+  validate_model(cfg.model)
+  shape = sharding.resolve_mesh_shape(cfg.mesh.shape, num_devices)
+  sharding.validate_model_on_mesh(cfg.model, dict(zip(cfg.mesh.axes, shape)))
+  if "train" in cfg:
+    t = cfg.train
+    if t.micro_batches < 1 or t.batch_size % t.micro_batches:
+      raise ConfigError(f"train.micro_batches: {t.micro_batches} must divide train.batch_size={t.batch_size}")
+    data_ways = 1
+    for axis, size in zip(cfg.mesh.axes, shape):
+      if axis in ("data", "fsdp"):
+        data_ways *= size
+    if (t.batch_size // t.micro_batches) % data_ways:
+      raise ConfigError(f"train.batch_size: a micro-batch of {t.batch_size // t.micro_batches} examples "
+                        f"cannot be split over {data_ways} data-parallel devices (mesh.shape)")
+    if t.seq_len > cfg.model.max_seq_len:
+      raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+  if "pipeline" in cfg and not 0 < cfg.pipeline.keep_top_fraction <= 1:
+    raise ConfigError(f"pipeline.keep_top_fraction: must be in (0, 1], got {cfg.pipeline.keep_top_fraction}")
 
 
 def from_hf_config(hf: dict) -> ml_collections.ConfigDict:

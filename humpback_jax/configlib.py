@@ -1,6 +1,7 @@
-"""Loading configs: `path/to/file.py:arg` plus `--config.a.b=value` overrides, then checks.
+"""Loading configs: `path/to/file.py:arg` plus `--config.a.b=value` overrides, then locked.
 
-Every failure names the config key and happens before any model is built or compiled.
+The schema of the model config and every check of a run config live in `config.py`; the presets
+the files build from in `configs/common.py`. Every failure names the config key.
 """
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from typing import Sequence
 
 import ml_collections
 
-from humpback_jax import config as model_config_lib
-from humpback_jax import sharding
 from humpback_jax.errors import ConfigError
 
 
@@ -60,29 +59,3 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
     if old is not None and not isinstance(value, type(old)):
       raise ConfigError(f"config.{key}: expected {type(old).__name__}, got {raw!r}")
     node[parts[-1]] = value
-
-
-def check(cfg, num_devices: int) -> None:
-  """All static checks of a run config: model fields, mesh shape vs devices, heads vs tensor axis,
-  batch splits, the curation share."""
-  model_config_lib.validate_model(cfg.model)
-  shape = sharding.resolve_mesh_shape(cfg.mesh.shape, num_devices)
-  tensor = dict(zip(cfg.mesh.axes, shape)).get("tensor", 1)
-  if cfg.model.num_heads % tensor:
-    raise ConfigError(f"model.num_heads: {cfg.model.num_heads} heads cannot be split over the tensor "
-                      f"axis of size {tensor} (mesh.shape={tuple(cfg.mesh.shape)})")
-  if "train" in cfg:
-    t = cfg.train
-    if t.micro_batches < 1 or t.batch_size % t.micro_batches:
-      raise ConfigError(f"train.micro_batches: {t.micro_batches} must divide train.batch_size={t.batch_size}")
-    data_ways = 1
-    for axis, size in zip(cfg.mesh.axes, shape):
-      if axis in ("data", "fsdp"):
-        data_ways *= size
-    if (t.batch_size // t.micro_batches) % data_ways:
-      raise ConfigError(f"train.batch_size: a micro-batch of {t.batch_size // t.micro_batches} examples "
-                        f"cannot be split over {data_ways} data-parallel devices (mesh.shape)")
-    if t.seq_len > cfg.model.max_seq_len:
-      raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
-  if "pipeline" in cfg and not 0 < cfg.pipeline.keep_top_fraction <= 1:
-    raise ConfigError(f"pipeline.keep_top_fraction: must be in (0, 1], got {cfg.pipeline.keep_top_fraction}")

@@ -64,9 +64,10 @@ def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
   return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
-def validate_model_on_mesh(model_cfg, mesh: Mesh) -> None:
-  """Fails naming the field when tensor parallelism cannot split the model's heads."""
-  tensor = dict(mesh.shape).get("tensor", 1)
+def validate_model_on_mesh(model_cfg, mesh) -> None:
+  """Fails naming the field when tensor parallelism cannot split the model's heads or MLP; `mesh`
+  is a (possibly abstract) mesh or its {axis: size} (config.check passes that, before any device)."""
+  tensor = dict(mesh if isinstance(mesh, dict) else mesh.shape).get("tensor", 1)
   if model_cfg.num_heads % tensor:
     raise ConfigError(f"model.num_heads: {model_cfg.num_heads} heads cannot be split over the "
                       f"tensor axis of size {tensor} (mesh.shape); pick a tensor size that divides it")

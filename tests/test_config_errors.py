@@ -1,7 +1,7 @@
 """Config mistakes fail before anything compiles, with a message naming the field."""
 import pytest
 
-from humpback_jax import configlib, sharding
+from humpback_jax import config, configlib, sharding
 from humpback_jax.config import model_config, validate_model
 from humpback_jax.errors import ConfigError
 
@@ -13,7 +13,7 @@ def load(arg="toy", *overrides):
 def test_mesh_product_must_equal_device_count():
   cfg = load("variant=toy,mesh=cpu8_data")
   with pytest.raises(ConfigError, match=r"mesh.shape: product of \(8, 1, 1\) is 8, but there are 4 devices"):
-    configlib.check(cfg, num_devices=4)
+    config.check(cfg, num_devices=4)
 
 
 def test_mesh_fill_axis_must_divide_devices():
@@ -29,7 +29,7 @@ def test_only_one_mesh_axis_may_be_minus_one():
 def test_heads_must_divide_over_tensor_axis():
   cfg = load("variant=smollm2_135m,mesh=cpu8_fsdp_tensor")
   with pytest.raises(ConfigError, match=r"model.num_heads: 9 heads cannot be split over the tensor axis of size 2"):
-    configlib.check(cfg, num_devices=8)
+    config.check(cfg, num_devices=8)
 
 
 def test_unknown_model_preset_lists_the_known_ones():
@@ -65,19 +65,19 @@ def test_kv_heads_must_divide_heads():
 def test_micro_batches_must_divide_batch():
   cfg = load("toy", "config.train.micro_batches=3")
   with pytest.raises(ConfigError, match="train.micro_batches: 3 must divide train.batch_size=32"):
-    configlib.check(cfg, num_devices=8)
+    config.check(cfg, num_devices=8)
 
 
 def test_batch_must_split_over_data_devices():
   cfg = load("variant=toy,mesh=cpu8_data", "config.train.batch_size=4")
   with pytest.raises(ConfigError, match="train.batch_size: a micro-batch of 4 examples cannot be split over 8"):
-    configlib.check(cfg, num_devices=8)
+    config.check(cfg, num_devices=8)
 
 
 def test_curation_share_must_be_a_fraction():
   cfg = configlib.load_config("configs/toy.py", ["config.pipeline.keep_top_fraction=1.5"])
   with pytest.raises(ConfigError, match=r"pipeline.keep_top_fraction: must be in \(0, 1\], got 1.5"):
-    configlib.check(cfg, num_devices=1)
+    config.check(cfg, num_devices=1)
 
 
 def test_unknown_model_field_in_code():

@@ -26,7 +26,8 @@ from humpback_jax.errors import ConfigError, DataError
 
 NAMESPACE = "corpus"
 TFDS_RANGE = 10_000  # tfds records per read task
-DEFAULT_OPTIONS = "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing"
+DEFAULT_OPTIONS = ("--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing "
+                   "--default_sdk_harness_log_level=ERROR")
 
 
 @functools.cache

@@ -9,18 +9,17 @@ from __future__ import annotations
 import functools
 
 import jax
+import ml_collections
 from flax import nnx
 
 from humpback_jax import sharding
-from humpback_jax.config import validate_model
+from humpback_jax.config import frozen, validate_model
 from humpback_jax.model import ops
 from humpback_jax.model.llama import Llama
 
 
 @functools.lru_cache(maxsize=32)
-def _abstract(cfg_json: str):
-  import ml_collections
-  cfg = ml_collections.ConfigDict(__import__("json").loads(cfg_json))
+def _abstract(cfg: ml_collections.FrozenConfigDict):
   model = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
   return nnx.split(model)
 
@@ -28,7 +27,7 @@ def _abstract(cfg_json: str):
 def abstract_model(cfg):
   """(graphdef, abstract nnx.State) of the model: shapes and metadata only, no memory."""
   validate_model(cfg)
-  return _abstract(cfg.to_json())
+  return _abstract(frozen(cfg))
 
 
 def abstract_params(cfg):
