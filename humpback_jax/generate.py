@@ -280,6 +280,11 @@ class Engine:
 
   # ----------------------------------------------------------------- public API
 
+  def programs(self) -> dict[tuple[tuple, str], object]:
+    """The programs compiled so far, by (shape key, part), e.g. to read their HLO (`.as_text()`);
+    generation programs are parts "prefill" and "decode" of a shape key ending in the greedy flag. A copy."""
+    return dict(self._programs)
+
   def generate_ids(self, prompts, sampling: SamplingParams = GREEDY, eos_ids: Sequence[int] = (),
                    max_new_tokens=None, index_offset: int = 0) -> list[list[int] | None]:
     """New token ids per prompt (EOS excluded), in input order; None for prompts skipped by policy.

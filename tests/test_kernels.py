@@ -102,13 +102,13 @@ def test_greedy_tokens_are_the_same_with_and_without_the_kernels():
   prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
   engine = _toy_engine(batch_size=3)
   with_kernels = engine.generate_ids(prompts, GREEDY, max_new_tokens=12)
-  programs = {part: program.as_text() for (_, part), program in engine._programs.items()}
+  programs = {part: program.as_text() for (_, part), program in engine.programs().items()}
   assert "HumpbackGemm" in programs["prefill"] and "HumpbackAttentionForward" in programs["prefill"]
   assert all(f"Humpback{name}" in programs["decode"]
              for name in ("PackedMatmul", "DecodeAttention", "RmsNormForward", "Argmax"))
   engine = _toy_engine(batch_size=3, backend="xla")
   assert engine.generate_ids(prompts, GREEDY, max_new_tokens=12) == with_kernels
-  assert all("Humpback" not in program.as_text() for program in engine._programs.values())
+  assert all("Humpback" not in program.as_text() for program in engine.programs().values())
 
 
 def test_argmax_is_the_first_maximum_and_nan_wins_like_jnp():
@@ -130,7 +130,7 @@ def test_scores_are_the_same_with_and_without_the_kernels():
   def scores(backend="auto"):
     engine = _toy_engine(batch_size=3, backend=backend)
     return (engine.loglikelihood(prompts, continuations), engine.next_token_probs(prompts, [30, 31, 32]),
-            "\n".join(program.as_text() for program in engine._programs.values()))
+            "\n".join(program.as_text() for program in engine.programs().values()))
 
   loglik, probs, hlo = scores()
   assert "HumpbackGemm" in hlo and "HumpbackAttentionForward" in hlo
@@ -146,7 +146,7 @@ def test_decode_loop_packs_each_weight_once_outside_the_loop(vocab):
   state of the decode while loop, not rebuilt per step."""
   engine = _toy_engine(vocab_size=vocab, num_layers=2)
   engine.generate_ids([[5, 6, 7], [8, 9]], GREEDY, max_new_tokens=3)
-  (decode,) = [p for (_, part), p in engine._programs.items() if part == "decode"]
+  (decode,) = [p for (_, part), p in engine.programs().items() if part == "decode"]
   hlo = decode.as_text()
   body_names = set(re.findall(r"while\(.*?body=%([\w.\-]+)", hlo))
   assert body_names
@@ -319,13 +319,13 @@ def test_greedy_decoding_of_a_large_vocabulary_takes_the_greedy_head_with_the_sa
   engine = _toy_engine(3, vocab_size=vocab, num_layers=2)
   pruned = engine.generate_ids(prompts, GREEDY, max_new_tokens=12)
   sampled = engine.generate_ids(prompts, dataclasses.replace(GREEDY, temperature=0.7), max_new_tokens=4)
-  programs = {(key[-1], part): program.as_text() for (key, part), program in engine._programs.items()}
+  programs = {(key[-1], part): program.as_text() for (key, part), program in engine.programs().items()}
   assert "HumpbackGreedyHead" in programs[True, "decode"] and "HumpbackArgmax" not in programs[True, "decode"]
   assert "HumpbackGreedyHead" not in programs[False, "decode"] and all(len(row) == 4 for row in sampled)
   monkeypatch.setattr(cpu_kernels, "GREEDY_HEAD_MIN_VOCAB", vocab + 1)
   engine = _toy_engine(3, vocab_size=vocab, num_layers=2)
   assert engine.generate_ids(prompts, GREEDY, max_new_tokens=12) == pruned
-  assert all("HumpbackGreedyHead" not in program.as_text() for program in engine._programs.values())
+  assert all("HumpbackGreedyHead" not in program.as_text() for program in engine.programs().values())
 
 
 def test_without_avx512_vnni_greedy_decoding_keeps_every_logit(monkeypatch):
@@ -333,5 +333,5 @@ def test_without_avx512_vnni_greedy_decoding_keeps_every_logit(monkeypatch):
   monkeypatch.setattr(cpu_kernels, "greedy_head_built", lambda: False)
   engine = _toy_engine(3, vocab_size=cpu_kernels.GREEDY_HEAD_MIN_VOCAB, num_layers=2)
   engine.generate_ids([[5, 6, 7]], GREEDY, max_new_tokens=2)
-  (decode,) = [p.as_text() for (_, part), p in engine._programs.items() if part == "decode"]
+  (decode,) = [p.as_text() for (_, part), p in engine.programs().items() if part == "decode"]
   assert "HumpbackArgmax" in decode and "HumpbackGreedyHead" not in decode

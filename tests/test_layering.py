@@ -66,6 +66,26 @@ def test_no_module_imports_from_a_higher_layer():
   assert not upward, "upward imports:\n" + "\n".join(upward)
 
 
+def test_imports_form_no_circle():
+  graph = import_graph()
+  graph = {m: {d for d in deps if d != "humpback_jax"} for m, deps in graph.items()}  # the package root
+  state, circles = {}, []
+
+  def visit(module, path):
+    state[module] = "open"
+    for dep in sorted(graph.get(module, ())):
+      if state.get(dep) == "open":
+        circles.append(" -> ".join(path[path.index(dep):] + [dep]))
+      elif dep not in state:
+        visit(dep, path + [dep])
+    state[module] = "done"
+
+  for module in graph:
+    if module not in state:
+      visit(module, [module])
+  assert not circles, "import circles:\n" + "\n".join(circles)
+
+
 def test_the_walk_sees_imports_inside_functions():
   # The checks above are only as good as the walk: an import inside a function must be seen.
   deps = imported_modules(PACKAGE / "__init__.py")

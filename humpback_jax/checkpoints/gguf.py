@@ -114,7 +114,7 @@ def load_params(path, cfg, layout, dtype=None, reader: gguf.GGUFReader | None = 
   reader = open_reader(path) if reader is None else reader
   tensors = {t.name: t for t in reader.tensors}
   expected = {gguf_name(p): (p, shape) for p, shape in
-              weights_check.hf_shapes(cfg, weights_check.per_layer_paths(cfg)).values()}
+              hf.hf_shapes(cfg, weights_check.per_layer_paths(cfg)).values()}
   weights_check.check(str(path), "the GGUF metadata", cfg, {n: tuple(reversed(t.shape.tolist())) for n, t in tensors.items()},
                       expected, weights_check.GGUF_FIELDS, ignore=lambda name: name == "rope_freqs.weight")
 

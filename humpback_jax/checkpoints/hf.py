@@ -46,6 +46,15 @@ def hf_name(path: str) -> str:
   raise KeyError(f"no Hugging Face name for parameter {path!r}")
 
 
+def hf_shapes(cfg, our_paths) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """{HF tensor name: (our path, HF shape [out, in])} for our per-layer parameter paths."""
+  h, heads, kv = head_dim(cfg), cfg.num_heads, cfg.num_kv_heads
+  by_leaf = {"q": (heads * h, cfg.dim), "k": (kv * h, cfg.dim), "v": (kv * h, cfg.dim), "o": (cfg.dim, heads * h),
+             "gate": (cfg.mlp_dim, cfg.dim), "up": (cfg.mlp_dim, cfg.dim), "down": (cfg.dim, cfg.mlp_dim),
+             "embed": (cfg.vocab_size, cfg.dim), "lm_head": (cfg.vocab_size, cfg.dim), "scale": (cfg.dim,)}
+  return {hf_name(p): (p, by_leaf[p.rsplit("/", 1)[-1]]) for p in our_paths}
+
+
 def to_ours(path: str, w: np.ndarray, cfg) -> np.ndarray:
   """HF layout -> our layout (views only: transposes and reshapes of the mapped tensor)."""
   leaf = path.rsplit("/", 1)[-1]
@@ -148,7 +157,7 @@ def load_params(folder: Path, cfg, layout: sharding.Layout, dtype=None):
   against config.json; returns our nested params dict."""
   tensors = open_hf_tensors(folder)
   weights_check.check(str(folder), "config.json", cfg, {n: t.shape for n, t in tensors.items()},
-                      weights_check.hf_shapes(cfg, weights_check.per_layer_paths(cfg)), weights_check.HF_FIELDS)
+                      hf_shapes(cfg, weights_check.per_layer_paths(cfg)), weights_check.HF_FIELDS)
   return place(lambda path: tensors.get(hf_name(path)), cfg, layout, dtype, source=str(folder))
 
 

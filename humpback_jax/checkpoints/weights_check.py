@@ -26,16 +26,6 @@ GGUF_FIELDS = dict(vocab_size="token_embd.weight rows", dim="llama.embedding_len
 OURS_FIELDS = {k: f"model.{k}" for k in HF_FIELDS}
 
 
-def hf_shapes(cfg, our_paths) -> dict[str, tuple[str, tuple[int, ...]]]:
-  """{HF tensor name: (our path, HF shape [out, in])} for our per-layer parameter paths."""
-  from humpback_jax.checkpoints.hf import hf_name
-  h, heads, kv = head_dim(cfg), cfg.num_heads, cfg.num_kv_heads
-  by_leaf = {"q": (heads * h, cfg.dim), "k": (kv * h, cfg.dim), "v": (kv * h, cfg.dim), "o": (cfg.dim, heads * h),
-             "gate": (cfg.mlp_dim, cfg.dim), "up": (cfg.mlp_dim, cfg.dim), "down": (cfg.dim, cfg.mlp_dim),
-             "embed": (cfg.vocab_size, cfg.dim), "lm_head": (cfg.vocab_size, cfg.dim), "scale": (cfg.dim,)}
-  return {hf_name(p): (p, by_leaf[p.rsplit("/", 1)[-1]]) for p in our_paths}
-
-
 def per_layer_paths(cfg) -> list[str]:
   """Our parameter paths, one per tensor of a per-layer (unstacked) checkpoint."""
   layer = ["attn_norm/scale", "mlp_norm/scale", "attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down"]
