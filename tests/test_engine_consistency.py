@@ -3,14 +3,15 @@
 Regression: jaxlib 0.10.2's XLA:CPU `__ynn_fusion` miscompiled the broadcast-multiply-reduce form
 of q @ K in single-query (decode) attention when a device held one row and head_dim >= 32, so
 SmolLM2-135M (head_dim 64) gave garbage next-token probabilities and tokens with batch_size 1, or
-with batch_size == device count (8 simulated devices here).
+with batch_size == device count (8 simulated devices here). Both tests run that XLA form on an
+explicit `xla` backend (model/ops.py), and check that no CPU kernel took its place.
 """
 import jax
 import numpy as np
 import pytest
 
 from humpback_jax import generate
-from humpback_jax.model import attention
+from humpback_jax.model import attention, ops
 
 PROMPTS = ["The capital of France is", "One, two, three, four,",
            "My favourite colour is definitely the colour that people call"]
@@ -29,7 +30,9 @@ def test_single_query_attention_matches_reference(batch, heads, kv_heads, head_d
   mask[..., 10:] = True  # left padding, as in the cache
   group = heads // kv_heads
   ref = jax.nn.dot_product_attention(q, np.repeat(k, group, 2), np.repeat(v, group, 2), mask=mask)
-  out = jax.jit(attention._single_query_attention)(q, k, v, mask)
+  xla_decode = jax.jit(lambda q, k, v, mask: ops.decode_attention(q, k, v, attention.Mask(mask), backend=ops.XLA))
+  assert "Humpback" not in xla_decode.lower(q, k, v, mask).compile().as_text()  # the XLA form, not our kernel
+  out = xla_decode(q, k, v, mask)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
 
 
@@ -54,7 +57,10 @@ def test_next_token_probs_do_not_depend_on_batch_size(smollm2):
   ref = np.asarray(jax.nn.softmax(logits, axis=-1))[:, cand]
   assert ref.max() > 0.1  # the reference is meaningful, not all near zero
 
+  xla_cfg = model.cfg.copy_and_resolve_references()
+  xla_cfg.backend = "xla"  # the XLA attention forms this test guards, not the CPU kernels
   for bs in (1, 3, 8):
-    engine = generate.Engine(model.cfg, model.params, model.layout, prompt_buckets=(16,), batch_size=bs)
+    engine = generate.Engine(xla_cfg, model.params, model.layout, prompt_buckets=(16,), batch_size=bs)
     probs = engine.next_token_probs(ids, cand)
+    assert all("Humpback" not in p.as_text() for p in engine.programs().values())
     np.testing.assert_allclose(probs, ref, atol=1e-5, err_msg=f"batch_size={bs}")
