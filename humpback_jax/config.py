@@ -11,7 +11,7 @@ import ml_collections
 from humpback_jax import sharding
 from humpback_jax.errors import ConfigError
 
-BACKENDS = ("auto", "xla", "cpu_kernels", "pallas_tpu", "cudnn")  # model/ops.py
+BACKENDS = ("auto", "xla", "cpu_kernels", "pallas_tpu", "cudnn")  # what each means: model/ops.py
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
 

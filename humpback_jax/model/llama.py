@@ -14,16 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from humpback_jax import config
 from humpback_jax.config import head_dim
 from humpback_jax.model import attention
 from humpback_jax.model import cache as kv_cache
 from humpback_jax.model import ops
 
-REMAT_POLICIES = {
-    "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+# jax.checkpoint policies by the config's names (config.REMAT_POLICIES; "none" runs without remat).
+REMAT_POLICIES = {name: None if name == "full" else getattr(jax.checkpoint_policies, name)
+                  for name in config.REMAT_POLICIES if name != "none"}
 
 
 def _param(rngs, shape, axes, dtype, std=0.02):

@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from humpback_jax import config
 from humpback_jax.errors import ConfigError
 from humpback_jax.kernels import cpu as cpu_kernels
 from humpback_jax.model import attention
 
-KINDS = ("xla", "cpu_kernels", "pallas_tpu", "cudnn")
-CHOICES = ("auto",) + KINDS
+CHOICES = config.BACKENDS  # "auto" and the kinds below
+KINDS = tuple(name for name in CHOICES if name != "auto")
 _AUTO = {"cpu": "cpu_kernels", "tpu": "pallas_tpu", "gpu": "cudnn", "cuda": "cudnn"}
 
 
