@@ -144,6 +144,11 @@ def generate_config(**overrides) -> ml_collections.ConfigDict:
       prompt_buckets=(64, 128, 256, 512, 1024, 2048), seed=0,
       too_long="truncate_left",   # or "skip" (counted)
       shard_size=1024,            # records per output shard
+      scheduler="static",         # or "continuous": decode slots refilled as rows stop, chunked prefill
+      decode_slots=0,             # continuous: rows decoded at once (0 = batch_size)
+      decode_steps=8,             # continuous: decode steps per jitted call between refills
+      prefill_chunk=64,           # continuous: prompt tokens per prefill call
+      prefix_reuse=True,          # continuous: a shared prompt prefix's KV is computed once per engine
   ))
   cfg.update(overrides)
   return cfg

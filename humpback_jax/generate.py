@@ -21,14 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from humpback_jax import sharding
+from humpback_jax.engine import slots
+from humpback_jax.engine.sampling import SAMPLING_CANDIDATES, sample_next  # noqa: F401 (public here too)
 from humpback_jax.model import build
 from humpback_jax.model import cache as kv_cache
 from humpback_jax.model import ops
 
 TOO_LONG_POLICIES = ("truncate_left", "skip")
+SCHEDULERS = ("static", "continuous")
 EMPTY_POLICIES = ("raise", "skip")
 _EOS_SLOTS = 8  # EOS ids are padded to a multiple of this, so their number rarely changes a shape
-SAMPLING_CANDIDATES = 64  # most likely tokens that sampling ranks before it sorts the whole vocabulary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,9 @@ class EngineStats:
   truncated: int = 0
   skipped_too_long: int = 0
   skipped_empty: int = 0
+  prefill_tokens_saved: int = 0  # prompt tokens whose KV came from a shared prefix (continuous engine)
+  useful_row_steps: int = 0      # decode row-steps of live rows / all row-steps run: slot utilisation
+  decode_row_steps: int = 0
 
   @property
   def padding_share(self) -> float:
@@ -68,79 +73,13 @@ class EngineStats:
     """New tokens per second of wall time, compiles excluded."""
     return self.new_tokens / max(self.seconds - self.compile_seconds, 1e-9)
 
+  @property
+  def slot_utilisation(self) -> float:
+    """Share of decode row-steps that served a live row (continuous engine)."""
+    return self.useful_row_steps / max(self.decode_row_steps, 1)
+
 
 # --------------------------------------------------------------------------- pure functions
-
-
-def sample_next(logits, key, temperature, top_p, top_k, step=None, backend=ops.XLA):
-  """Next tokens [b] from float32 logits [b, vocab]; greedy when temperature == 0.
-
-  Otherwise temperature, then top-k (0 = off), then top-p (the smallest set of most likely tokens
-  whose mass reaches top_p; the top token always stays), then a categorical draw. `key` is one
-  typed key or one per row [b]; a `step`, when given, is folded into each row's key first, on the
-  sampling branch only (greedy decoding never pays for the hashing). The knobs may be traced
-  scalars: changing them never recompiles.
-  """
-  def greedy():
-    return ops.argmax(logits, backend)
-
-  def sample():
-    b, vocab = logits.shape
-    keys = key if jnp.ndim(key) else jax.random.split(key, b)
-    if step is not None:
-      keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
-    scaled = logits / temperature
-    # The most likely SAMPLING_CANDIDATES tokens first (lax.top_k: sorted, ties keep the lower id
-    # first, as argmax does); the whole vocabulary is sorted only when some row's kept set reaches
-    # past them (a full sort per step is far slower on CPU: bench/RESULTS.md).
-    n = min(vocab, SAMPLING_CANDIDATES)
-    head, head_ids = jax.lax.top_k(scaled, n)
-    head_norm = jax.nn.logsumexp(jnp.where(jnp.arange(n) < top_k, head, -jnp.inf), axis=-1)
-    log_norm = jnp.where(top_k > 0, head_norm, jax.nn.logsumexp(scaled, axis=-1))  # of the kept mass
-    head_keep, head_mass = _kept_by_top_k_and_top_p(head, log_norm, top_p, top_k)
-    fits = (n == vocab) | ((top_k > 0) & (top_k <= n)) | ((top_k <= 0) & (top_p < 1.0) & (head_mass >= top_p))
-    # Gumbel-max draws: the same noise on the candidates in both branches, so a row's token does not
-    # depend on whether another row of its batch needed the whole vocabulary.
-    head_noise = jax.vmap(lambda k: jax.random.gumbel(k, (n,)))(keys)
-
-    def from_head():
-      return _pick(head_ids, head, head_keep, head_noise)
-
-    def from_vocab():
-      ranked, ids = jax.lax.top_k(scaled, vocab)
-      in_top_k = jnp.arange(vocab) < top_k
-      norm = jnp.where(top_k > n, jax.nn.logsumexp(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1), log_norm)
-      keep, _ = _kept_by_top_k_and_top_p(ranked, norm, top_p, top_k)
-      keep = jnp.where(fits[:, None], jnp.pad(head_keep, ((0, 0), (0, vocab - n))), keep)
-      tail_noise = jax.vmap(lambda k: jax.random.gumbel(jax.random.fold_in(k, 1), (vocab - n,)))(keys)
-      return _pick(ids, ranked, keep, jnp.concatenate([head_noise, tail_noise], axis=-1))
-
-    def unfiltered():  # temperature alone: a draw over the whole vocabulary needs no ranking
-      return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-
-    def filtered():
-      return jax.lax.cond(jnp.all(fits), from_head, from_vocab)
-
-    return jax.lax.cond((top_k <= 0) & (top_p >= 1.0), unfiltered, filtered)
-
-  return jax.lax.cond(temperature > 0, sample, greedy)
-
-
-def _kept_by_top_k_and_top_p(ranked, log_norm, top_p, top_k):
-  """Which of the most likely tokens [b, n] (sorted, probabilities exp(ranked - log_norm)) top-k and
-  top-p keep (the top one always), and their whole mass [b]."""
-  rank = jnp.arange(ranked.shape[-1])
-  keep = (top_k <= 0) | (rank < top_k)
-  probs = jnp.where(keep, jnp.exp(ranked - log_norm[:, None]), 0.0)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep &= (mass_before < top_p) | (top_p >= 1.0) | (rank == 0)
-  return keep, mass_before[:, -1] + probs[:, -1]
-
-
-def _pick(ids, ranked, keep, gumbel_noise):
-  """The kept token with the largest logit + Gumbel noise: a draw from the kept tokens' softmax."""
-  choice = jnp.argmax(jnp.where(keep, ranked + gumbel_noise, -jnp.inf), axis=-1)
-  return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 def prefill(cfg, layout, params, tokens_bt, positions_bt, *, cache_len: int, backend=ops.XLA):
@@ -263,11 +202,15 @@ class Engine:
   """
 
   def __init__(self, cfg, params, layout, *, prompt_buckets=(64, 128, 256, 512, 1024, 2048),
-               batch_size: int = 32, too_long: str = "truncate_left", on_empty: str = "raise"):
+               batch_size: int = 32, too_long: str = "truncate_left", on_empty: str = "raise",
+               scheduler: str = "static", decode_slots: int | None = None, decode_steps: int = 8,
+               prefill_chunk: int = 64, prefix_reuse: bool = True, prefix_granule: int = 16):
     if too_long not in TOO_LONG_POLICIES:
       raise ValueError(f"too_long={too_long!r}: expected one of {TOO_LONG_POLICIES}")
     if on_empty not in EMPTY_POLICIES:
       raise ValueError(f"on_empty={on_empty!r}: expected one of {EMPTY_POLICIES}")
+    if scheduler not in SCHEDULERS:
+      raise ValueError(f"scheduler={scheduler!r}: expected one of {SCHEDULERS}")
     if batch_size < 1 or min(prompt_buckets) < 2:
       raise ValueError(f"batch_size ({batch_size}) must be >= 1 and prompt_buckets {prompt_buckets} >= 2")
     self.cfg, self.layout = cfg, layout
@@ -277,6 +220,10 @@ class Engine:
     self.batch_size, self.too_long, self.on_empty = batch_size, too_long, on_empty
     self.stats = EngineStats()
     self._programs: dict[tuple, object] = {}
+    self.scheduler = None  # static batches; else the continuous engine's slots and chunked prefill
+    if scheduler == "continuous":
+      self.scheduler = slots.Scheduler(self, slots=decode_slots or batch_size, steps=decode_steps,
+                                       chunk=prefill_chunk, prefix_reuse=prefix_reuse, granule=prefix_granule)
 
   # ----------------------------------------------------------------- public API
 
@@ -286,11 +233,12 @@ class Engine:
     return dict(self._programs)
 
   def generate_ids(self, prompts, sampling: SamplingParams = GREEDY, eos_ids: Sequence[int] = (),
-                   max_new_tokens=None, index_offset: int = 0) -> list[list[int] | None]:
+                   max_new_tokens=None, index_offset: int = 0, stop=None) -> list[list[int] | None]:
     """New token ids per prompt (EOS excluded), in input order; None for prompts skipped by policy.
 
     `max_new_tokens`: None (sampling's), an int, or one int per prompt. Row i samples with
-    fold_in(seed, index_offset + i), so results do not depend on batching or sharding.
+    fold_in(seed, index_offset + i), so results do not depend on batching or sharding. `stop(i, ids)`
+    lets the continuous engine free row i's slot early (its ids then end once the test holds).
     """
     start = time.perf_counter()
     limits = self._max_new_per_row(len(prompts), sampling, max_new_tokens)
@@ -300,6 +248,11 @@ class Engine:
     eos = self._eos_array(eos_ids)
     knobs = self._put((np.int32(sampling.seed), np.float32(sampling.temperature),
                        np.float32(sampling.top_p), np.int32(sampling.top_k)), ())
+    if self.scheduler is not None:
+      results = self.scheduler.generate(rows, limits, [index_offset + i for i in range(len(rows))], eos, knobs,
+                                        bool(sampling.temperature <= 0), stop)
+      self.stats.seconds += time.perf_counter() - start
+      return results
     pending = []
     for group in _batches([len(rows[i]) for i in live], self.batch_size):
       idx = [live[g] for g in group]
@@ -324,6 +277,9 @@ class Engine:
     rows = self._checked(prompts, lambda i: limit - len(conts[i]))
     live = [i for i, row in enumerate(rows) if row is not None]
     out = np.full(len(prompts), np.nan, np.float64)
+    if self.scheduler is not None:
+      self.scheduler.loglikelihood(rows, conts, out)
+      live = []
     for group in _batches([len(rows[i]) + len(conts[i]) for i in live], self.batch_size):
       idx = [live[g] for g in group]
       pad = self.batch_size - len(idx)
@@ -352,6 +308,9 @@ class Engine:
     rows = self._checked(prompts, lambda i: limit)
     live = [i for i, row in enumerate(rows) if row is not None]
     out = np.full((len(prompts), candidates.shape[0]), np.nan, np.float64)
+    if self.scheduler is not None:
+      self.scheduler.next_token_probs(rows, candidates, out)
+      live = []
     for group in _batches([len(rows[i]) for i in live], self.batch_size):
       idx = [live[g] for g in group]
       seqs = [rows[i] for i in idx] + [[0]] * (self.batch_size - len(idx))
@@ -407,7 +366,7 @@ class Engine:
   def _output_sharding(self, out):
     if isinstance(out, kv_cache.KVCache):
       return kv_cache.cache_shardings(self.layout, self.cfg, out.positions.shape[0], out.max_len)
-    return self.layout.sharding(("batch",) + (None,) * (out.ndim - 1), out.shape)
+    return self.layout.sharding(("batch",) + (None,) * (out.ndim - 1) if out.ndim else (), out.shape)
 
   def _put(self, arrays, names):
     """Explicit host -> device transfer of one array or a tuple, sharded by logical `names`."""

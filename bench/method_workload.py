@@ -1,0 +1,227 @@
+"""The method's three generation workloads on real text: static vs continuous engine vs transformers.
+
+    python bench/method_workload.py              # 256 segments, best of 3 interleaved runs
+    python bench/method_workload.py --quick      # 24 segments, 1 run (a smoke test, minutes)
+
+Segments are what our corpus preparation cuts from Debian's python3-doc HTML
+(/usr/share/doc/python3-doc/html); the model is SmolLM2-135M (GGUF, fp32) with the main job's
+config (configs/smollm2_135m.py). Workloads: (a) backtranslation with the backward prompt,
+T=0.7, top-p 0.9, <= 128 new tokens; (b) paper-faithful curation, greedy, <= 256 new tokens,
+judging (a)'s instructions; (c) expected-score curation (next-token probabilities of 1..5).
+Engines: `static` (sorted, bucketed batches), `continuous` (decode slots refilled as rows stop,
+chunked prefill), `prefix` (continuous + shared-prefix reuse), `hf` (transformers batched
+generate / forward, left-padded batches sorted by length). Wall seconds exclude our compiles
+(subtracted); useful tokens are new tokens (a, b) or real prompt tokens scored (c). Slot
+utilisation = live row-steps / all decode row-steps. The last line is the smallest speedup of
+the best continuous variant over the static engine across the workloads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from humpback_jax import malloc_env  # noqa: E402  (before JAX starts: restarts once with the settings)
+
+malloc_env.restart_with_settings()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import smollm2_135m  # noqa: E402
+from humpback_jax import api, generate  # noqa: E402
+from humpback_jax.data import corpus  # noqa: E402
+from humpback_jax.method import backtranslate, curate  # noqa: E402
+
+DOCS = Path("/usr/share/doc/python3-doc/html")
+ENGINES = ("static", "continuous", "prefix", "hf")
+
+
+def load_segments(n: int) -> list[str]:
+  """The first `n` segments our corpus preparation keeps from the python3-doc HTML (sorted files),
+  cached under ~/.cache/humpback_jax (parsing the HTML takes minutes on a busy 2-core host)."""
+  cache = Path.home() / ".cache" / "humpback_jax" / f"python3_doc_segments_{n}.json"
+  if cache.exists():
+    return json.loads(cache.read_text())
+  files = sorted(DOCS.rglob("*.html"))
+  if not files:
+    sys.exit(f"{DOCS}: no HTML (apt-get install python3-doc)")
+  raw, kept = [], []
+  for file in files:
+    raw += corpus.segments_from_html(file.read_bytes(), file.relative_to(DOCS).as_posix())
+    if len(raw) >= 4 * n or file == files[-1]:
+      kept, _ = corpus.prepare_corpus(raw, dict(smollm2_135m.get_config().corpus))
+      if len(kept) >= n:
+        break
+  texts = [s.text for s in kept[:n]]
+  cache.parent.mkdir(parents=True, exist_ok=True)
+  cache.write_text(json.dumps(texts))
+  return texts
+
+
+class Ours:
+  """One of our engines (static, continuous or continuous + prefix reuse), compiled across runs."""
+
+  def __init__(self, model, cfg, kind: str, slots: int):
+    g = dict(generate.engine_options(cfg.generate), batch_size=slots)
+    g.update(scheduler="static" if kind == "static" else "continuous", prefix_reuse=kind == "prefix")
+    self.engine = generate.Engine(model.cfg, model.params, model.layout, **g)
+
+  def generate(self, ids, sampling, eos):
+    return self.engine.generate_ids(ids, sampling, eos_ids=[eos])
+
+  def probs(self, ids, candidates):
+    return self.engine.next_token_probs(ids, candidates)
+
+
+class HF:
+  """transformers' batched generate / forward on the same weights, left-padded sorted batches."""
+
+  def __init__(self, model, batch: int):
+    import torch
+    import transformers
+    from humpback_jax.checkpoints import hf
+    self.torch, self.batch, self.dir = torch, batch, tempfile.TemporaryDirectory()
+    hf.save(Path(self.dir.name), model.params, model.cfg)
+    self.model = transformers.LlamaForCausalLM.from_pretrained(self.dir.name, dtype=torch.float32).eval()
+
+  def _batches(self, ids):
+    order = np.argsort([len(r) for r in ids], kind="stable")
+    for g in range(0, len(order), self.batch):
+      idx = order[g:g + self.batch]
+      width = max(len(ids[i]) for i in idx)
+      tokens = np.zeros((len(idx), width), np.int64)
+      mask = np.zeros_like(tokens)
+      for r, i in enumerate(idx):
+        tokens[r, width - len(ids[i]):], mask[r, width - len(ids[i]):] = ids[i], 1
+      yield idx, self.torch.as_tensor(tokens), self.torch.as_tensor(mask)
+
+  def generate(self, ids, sampling, eos):
+    out = [None] * len(ids)
+    self.torch.manual_seed(sampling.seed)
+    sample = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p) \
+        if sampling.temperature > 0 else dict(do_sample=False)
+    with self.torch.inference_mode():
+      for idx, tokens, mask in self._batches(ids):
+        new = self.model.generate(tokens, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
+                                  eos_token_id=eos, pad_token_id=eos, top_k=None, **sample)[:, tokens.shape[1]:]
+        for r, i in enumerate(idx):
+          row = new[r].tolist()
+          out[i] = row[:row.index(eos)] if eos in row else row
+    return out
+
+  def probs(self, ids, candidates):
+    out = np.zeros((len(ids), len(candidates)))
+    with self.torch.inference_mode():
+      for idx, tokens, mask in self._batches(ids):
+        logits = self.model(tokens, attention_mask=mask).logits[:, -1]
+        out[idx] = self.torch.softmax(logits, -1)[:, candidates].numpy()
+    return out
+
+
+def workloads(model, cfg, texts, instructions):
+  """{name: (kind, prompt ids, sampling or candidates)} for the three workloads."""
+  tok = model.tokenizer
+  back = [tok.encode_prompt(backtranslate.backward_user_turn(cfg, t)) for t in texts]
+  judge = [tok.encode_prompt(curate.judge_turn(cfg, i, t)) for i, t in zip(instructions, texts)]
+  scored = [curate.score_prompt_and_candidates(tok, curate.judge_turn(cfg, i, t)) for i, t in zip(instructions, texts)]
+  g = cfg.generate
+  return {
+      "a backtranslate": ("gen", back, generate.SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=128,
+                                                               seed=g.seed)),
+      "b curate (judge)": ("gen", judge, generate.SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=256)),
+      "c curate (expected)": ("probs", [s[0] for s in scored], scored[0][1]),
+  }
+
+
+def run_once(runner, kind, ids, arg, eos):
+  """(wall seconds, outputs, compile seconds spent inside) of one run."""
+  compiled = runner.engine.stats.compile_seconds if isinstance(runner, Ours) else 0.0
+  start = time.perf_counter()
+  out = runner.generate(ids, arg, eos) if kind == "gen" else runner.probs(ids, arg)
+  wall = time.perf_counter() - start
+  spent = (runner.engine.stats.compile_seconds - compiled) if isinstance(runner, Ours) else 0.0
+  return wall - spent, out
+
+
+def static_utilisation(outputs, limits, batch: int) -> float:
+  """Live row-steps / all row-steps of sorted static batches (a row lives until EOS or its limit)."""
+  steps = [min(len(o) + 1, lim) for o, lim in zip(outputs, limits)]
+  useful = sum(steps)
+  return useful / max(sum(batch * max(steps[i:i + batch]) for i in range(0, len(steps), batch)), 1)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--segments", type=int, default=256)
+  parser.add_argument("--repeats", type=int, default=3, help="interleaved timed runs (the best is kept)")
+  parser.add_argument("--slots", type=int, default=0, help="rows decoded at once (0 = the config's batch_size)")
+  parser.add_argument("--engines", default=",".join(ENGINES))
+  parser.add_argument("--workloads", default="a,b,c")
+  parser.add_argument("--quick", action="store_true", help="24 segments, 1 run")
+  args = parser.parse_args()
+  if args.quick:
+    args.segments, args.repeats = 24, 1
+  cfg = smollm2_135m.get_config()
+  slots = args.slots or cfg.generate.batch_size
+  model = api.load(cfg.base.checkpoint, layout=api.default_layout())
+  texts = load_segments(args.segments)
+  tok = model.tokenizer
+  names = args.engines.split(",")
+  runners = {n: HF(model, slots) if n == "hf" else Ours(model, cfg, n, slots) for n in names}
+  first = next(r for n, r in runners.items() if n != "hf")
+  back = workloads(model, cfg, texts, [""] * len(texts))["a backtranslate"]
+  instructions = [tok.decode(o).strip() or "Explain this." for o in first.generate(back[1], back[2], tok.eos_id)]
+  print(f"jax {jax.__version__}, {len(texts)} segments, {slots} rows at once, best of {args.repeats}; "
+        f"CPU: {cpu_model()}")
+  speedups = []
+  for name, (kind, ids, arg) in workloads(model, cfg, texts, instructions).items():
+    if name[0] not in args.workloads.split(","):
+      continue
+    lengths = [len(i) for i in ids]
+    print(f"\n{name}: {len(ids)} prompts of {min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f})")
+    best, outs, stats = {}, {}, {}
+    for n, r in runners.items():  # warm-up: compiles every shape this workload needs
+      if isinstance(r, Ours):
+        before = dict(vars(r.engine.stats))
+        run_once(r, kind, ids, arg, tok.eos_id)
+        stats[n] = {k: v - before[k] for k, v in vars(r.engine.stats).items()}
+    for _ in range(args.repeats):
+      for n, r in runners.items():
+        wall, outs[n] = run_once(r, kind, ids, arg, tok.eos_id)
+        best[n] = min(best.get(n, np.inf), wall)
+    useful = (lambda n: sum(len(o) for o in outs[n])) if kind == "gen" else (lambda n: sum(lengths))
+    print(f"{'engine':<12}{'wall s':>9}{'useful tok/s':>14}{'vs static':>11}{'slot util':>11}"
+          f"{'prefill saved':>15}{'padding':>9}{'compiles':>10}")
+    for n in runners:
+      s = stats.get(n)
+      util = "-" if kind != "gen" or n == "hf" else (
+          f"{static_utilisation(outs[n], [arg.max_new_tokens] * len(ids), slots):.0%}" if n == "static"
+          else f"{s['useful_row_steps'] / max(s['decode_row_steps'], 1):.0%}")
+      saved = f"{s['prefill_tokens_saved'] / max(s['prompt_slots'] + s['prefill_tokens_saved'], 1):.0%}" if s else "-"
+      pad = f"{s['padding_slots'] / max(s['prompt_slots'], 1):.0%}" if s else "-"
+      ratio = f"{best['static'] / best[n]:.2f}x" if "static" in best else "-"
+      print(f"{n:<12}{best[n]:>9.1f}{useful(n) / best[n]:>14.0f}{ratio:>11}{util:>11}{saved:>15}{pad:>9}"
+            f"{(runners[n].engine.stats.compiles if n != 'hf' else '-'):>10}")
+    ours = [best[n] for n in ("continuous", "prefix") if n in best]
+    if "static" in best and ours:
+      speedups.append(best["static"] / min(ours))
+    if kind == "gen" and "static" in outs:
+      same = {n: np.mean([a == b for a, b in zip(outs[n], outs["static"])]) for n in outs if n != "hf"}
+      print("rows equal to static: " + ", ".join(f"{n} {v:.0%}" for n, v in same.items()))
+  print(f"\nspeedup vs static engine: {min(speedups):.2f}x" if speedups else "\nspeedup vs static engine: n/a")
+
+
+def cpu_model() -> str:
+  for line in Path("/proc/cpuinfo").read_text().splitlines():
+    if line.startswith("model name"):
+      return line.split(":", 1)[1].strip()
+  return "unknown"
+
+
+if __name__ == "__main__":
+  main()
