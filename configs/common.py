@@ -160,12 +160,15 @@ def pipeline_config(**overrides) -> ml_collections.ConfigDict:
       iterations=2,               # paper: two iterations (M_1, M_2)
       threshold_k=5.0,            # paper headline k=5 (k=4 also studied)
       keep_top_fraction=1.0,      # open: < 1 also caps the kept share at the best fraction (1 = paper)
-      curation_mode="generate",   # paper-faithful; or "expected" (next-token probabilities of 1..5)
+      curation_mode="generate",   # paper-faithful; or "expected" (next-token probabilities of 1..5);
+                                  # or "none": the paper's uncurated control (seed + all of A, no judge)
       judge_temperature=0.0,      # open: greedy judge, so a rerun gives the same scores
       judge_max_new_tokens=256,   # open
-      fresh_from_base=True,       # paper: every M_t starts from the base model
+      fresh_from_base=True,       # paper: every M_t starts from the base model; False continues from M_{t-1}
       seed_only_tags=(),          # M_0 is trained on seed alone: no tags (the paper tags only mixtures)
-      inference_tags=(prompts.SEED_TAG, prompts.WEB_TAG),
+      train_tags="both",          # paper: seed pairs get the seed tag, augmented the web tag; none|seed|web|both
+      inference_tags="both",      # paper's best: seed tag then web tag appended at inference; none|seed|web|both
+      tag_separator=prompts.TAG_SEPARATOR,  # open ("\\n\\n"): between the instruction and its tags (tags join with one space)
   ))
   cfg.update(overrides)
   return cfg

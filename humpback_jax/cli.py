@@ -4,6 +4,7 @@
   humpback train --config=configs/toy.py --workdir=runs/m0 [--data=pairs.jsonl] [--config.train.steps=10]
   humpback generate --config=... --checkpoint=DIR --input=IN.jsonl --output=OUT_DIR
   humpback pipeline --config=configs/toy.py --workdir=runs/toy [--from=STAGE] [--until=STAGE]
+  humpback curate --workdir=runs/toy --stage=curate_m0 --k=4 [--keep-top-fraction=F] [--config=...]
   humpback eval-generate --checkpoint=DIR --prompts=alpaca_eval.json --output=model_outputs.json
   humpback eval-judge --checkpoint=DIR|FILE.gguf --labels=judge_dev.jsonl --mode=generate|expected|both
   humpback plan --config=configs/llama.py:variant=65b,mesh=fsdp --devices=64 [--device-gib=80]
@@ -140,6 +141,20 @@ def cmd_pipeline(args, overrides):
   print(f"report: {report}")
 
 
+def cmd_curate(args, overrides):
+  from humpback_jax import configlib
+  from humpback_jax.method import pipeline
+  if args.config:
+    cfg = _config(args, overrides)
+  else:
+    cfg = pipeline.saved_config(Path(args.workdir))
+    configlib.apply_overrides(cfg, overrides)
+  layout = _layout(cfg)
+  report = pipeline.reselect(cfg, Path(args.workdir), layout, args.stage, k=args.k,
+                             keep_top_fraction=args.keep_top_fraction)
+  print(f"report: {report}")
+
+
 def cmd_eval_generate(args, overrides):
   from humpback_jax.method import evaluate
   cfg = _config(args, overrides) if args.config else None
@@ -200,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument("--workdir", required=True)
   r.add_argument("--from", default=None)
   r.add_argument("--until", default=None)
+  cu = add("curate", help="re-select a curate stage at another threshold from its stored scores "
+                           "(no judge), then rerun the stages after it")
+  cu.add_argument("--workdir", required=True)
+  cu.add_argument("--stage", required=True, help="curate_m0, curate_m1, ...")
+  cu.add_argument("--k", type=float, default=None, help="threshold (default: the config's pipeline.threshold_k)")
+  cu.add_argument("--keep-top-fraction", type=float, default=None)
+  cu.add_argument("--config", default=None, help="default: the workdir's config.json from its last run")
   e = add("eval-generate", help="AlpacaEval model_outputs.json for a checkpoint")
   e.add_argument("--checkpoint", required=True)
   e.add_argument("--prompts", required=True)
@@ -231,10 +253,10 @@ def _positive_int(text: str) -> int:
   return value
 
 
-COMMANDS = {"convert": cmd_convert, "train": cmd_train, "generate": cmd_generate, "pipeline": cmd_pipeline,
+COMMANDS = {"convert": cmd_convert, "train": cmd_train, "generate": cmd_generate, "pipeline": cmd_pipeline, "curate": cmd_curate,
             "eval-generate": cmd_eval_generate, "eval-judge": cmd_eval_judge, "plan": cmd_plan}
 # The folder each command writes, held by one run at a time (humpback_jax/workdir_lock.py).
-WRITES = {"train": "workdir", "pipeline": "workdir", "generate": "output"}
+WRITES = {"train": "workdir", "pipeline": "workdir", "curate": "workdir", "generate": "output"}
 
 
 def _shutdown_together() -> None:

@@ -195,9 +195,10 @@ def read_manifest(stage_dir: Path) -> dict | None:
 
 
 def write_manifest(stage_dir: Path, *, stage: str, config_hash: str, counts: dict, outputs: dict,
-                   seconds: float) -> dict:
-  """Writes a finished stage's manifest atomically; `outputs` maps file name -> digest."""
-  manifest = dict(stage=stage, config_hash=config_hash, counts=counts, outputs=outputs,
+                   seconds: float, selection: dict | None = None) -> dict:
+  """Writes a finished stage's manifest atomically; `outputs` maps file name -> digest; `selection` is
+  the threshold the stage's inputs were curated at (None before curation)."""
+  manifest = dict(stage=stage, config_hash=config_hash, selection=selection, counts=counts, outputs=outputs,
                   seconds=round(seconds, 2), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
   shards.write_json_atomic(Path(stage_dir) / MANIFEST, manifest)
   return manifest

@@ -1,16 +1,16 @@
 """AlpacaEval outputs: answers to the 805 evaluation prompts in AlpacaEval's JSON format.
 
-Uses the paper's inference setting: both tags appended (seed tag, then web tag), nucleus
-sampling T=0.7, top-p 0.9.
+Uses the paper's inference setting: both tags appended (seed tag, then web tag; a config's
+`pipeline.inference_tags` chooses), nucleus sampling T=0.7, top-p 0.9.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from humpback_jax import api, shards
+from humpback_jax import api, prompts, shards
 from humpback_jax.errors import DataError
-from humpback_jax import prompts
+from humpback_jax.method import ablations
 
 PAPER_INFERENCE_TAGS = (prompts.SEED_TAG, prompts.WEB_TAG)
 
@@ -36,8 +36,9 @@ def write_model_outputs(checkpoint: Path, prompts_path: Path, output: Path, *, c
   records = read_prompts(prompts_path)[:limit]
   model = api.load(checkpoint)
   g = cfg.generate if cfg is not None else None
-  tags = tuple(cfg.pipeline.inference_tags) if cfg is not None else PAPER_INFERENCE_TAGS
-  user_turns = [prompts.tagged_instruction(r["instruction"], tags) for r in records]
+  tags = ablations.inference_tags(cfg) if cfg is not None else PAPER_INFERENCE_TAGS
+  sep = cfg.pipeline.tag_separator if cfg is not None else prompts.TAG_SEPARATOR
+  user_turns = [prompts.tagged_instruction(r["instruction"], tags, sep) for r in records]
   outputs = model.generate(user_turns, max_new_tokens=g.max_new_tokens if g else 512,
                            temperature=g.temperature if g else 0.7, top_p=g.top_p if g else 0.9,
                            seed=g.seed if g else 0)

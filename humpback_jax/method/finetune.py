@@ -21,10 +21,11 @@ from humpback_jax.tokenizer import render_chat
 
 @dataclasses.dataclass
 class Pair:
-  """One training example: the user turn, the answer, and the tags appended to the user turn."""
+  """One training example: the user turn, the answer, and the tags appended to the user turn after `sep`."""
   instruction: str
   output: str
   tags: Sequence[str] = ()
+  sep: str = prompts.TAG_SEPARATOR
 
 
 def pair_examples(tokenizer, pairs: Sequence[Pair], *, template: str, seq_len: int, policy: str):
@@ -32,7 +33,7 @@ def pair_examples(tokenizer, pairs: Sequence[Pair], *, template: str, seq_len: i
   stats = sft.TokenizeStats(policy=policy)
   examples = []
   for p in pairs:
-    ex = sft.tokenize_example(tokenizer, prompts.tagged_instruction(p.instruction, p.tags), p.output,
+    ex = sft.tokenize_example(tokenizer, prompts.tagged_instruction(p.instruction, p.tags, p.sep), p.output,
                               template=template, seq_len=seq_len, stats=stats)
     if ex is not None:
       examples.append(ex)

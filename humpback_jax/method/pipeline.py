@@ -7,11 +7,11 @@ Each stage writes into `workdir/<stage>/` and finishes by writing `manifest.json
 counts, timing, each output's record count and sha256; see artifacts.py). A rerun skips stages
 with a manifest, a stage checks its inputs against their writers' manifests before using them,
 and a killed stage resumes from what it left: training from its last checkpoint, generation
-from its finished shards.
+from its finished shards. A changed threshold (selection.FIELDS) re-selects a curate stage from
+its stored scores, without judging, and every stage after it runs again.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -24,7 +24,8 @@ from humpback_jax import api, distributed, prompts, shards
 from humpback_jax import tokenizer as tokenizer_lib
 from humpback_jax.checkpoints import model_dir
 from humpback_jax.errors import ConfigError
-from humpback_jax.method import artifacts, backtranslate, curate, engines, finetune, report, sources
+from humpback_jax.method import (ablations, artifacts, backtranslate, curate, engines, finetune, report, selection,
+                                 sources)
 from humpback_jax.method.artifacts import Candidate, CuratedPair, SeedPair, Segment
 from humpback_jax.model import build
 
@@ -43,8 +44,12 @@ def stage_names(cfg) -> list[str]:
 
 
 def config_hash(cfg) -> str:
-  """A short hash of the whole run config; a stage refuses to reuse artifacts made under another."""
-  return hashlib.sha256(cfg.to_json(sort_keys=True).encode()).hexdigest()[:16]
+  """A short hash of the run config but its selection fields; a stage refuses to reuse artifacts made
+  under another (a changed threshold re-selects instead, see Run.run)."""
+  return selection.judge_hash(cfg)
+
+
+CONFIG_FILE = "config.json"  # the last run's config, so `humpback curate --workdir` needs no --config
 
 
 class Run:
@@ -56,7 +61,9 @@ class Run:
     self.tokenizer_path = Path(cfg.tokenizer.path or cfg.base.checkpoint)
     self.tokenizer = tokenizer_lib.load_tokenizer(self.tokenizer_path)
     self.hash = config_hash(cfg)
+    ablations.check(cfg)
     self._outputs: dict = {}
+    self._stored_scores: dict = {}  # curate stage -> its checked scores, when only the selection changed
 
   # ------------------------------------------------------------------ bookkeeping
 
@@ -66,16 +73,29 @@ class Run:
   def manifest(self, stage: str) -> dict | None:
     return self.artifacts.manifest(stage)
 
+  def selection_of(self, name: str) -> dict | None:
+    """The selection a stage depends on: the config's for curate_m0 and every stage after it."""
+    names = stage_names(self.cfg)
+    return selection.of(self.cfg) if names.index(name) >= names.index("curate_m0") else None
+
   def run(self, only: list[str] | None = None) -> None:
-    """Runs the stages in `only` (default: all), skipping those already done."""
+    """Runs the stages in `only` (default: all), skipping those already done; a curate stage whose
+    selection changed re-selects from its stored scores, and every later stage runs again."""
+    if jax.process_index() == 0:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      shards.write_json_atomic(self.workdir / CONFIG_FILE, json.loads(self.cfg.to_json()))
+    upstream_changed = False
     for name in only or stage_names(self.cfg):
       done = self.manifest(name)
       if done is not None:
         if done["config_hash"] != self.hash:
           raise ConfigError(f"stage {name} in {self.workdir} was made with another config (hash "
                             f"{done['config_hash']} vs {self.hash}); use a new --workdir or --from={name}")
-        print(f"[{name}] done already, skipped")
-        continue
+        if not upstream_changed and done.get("selection") == self.selection_of(name):
+          print(f"[{name}] done already, skipped")
+          continue
+        self._invalidate(name, reselect=not upstream_changed and name.startswith("curate_m"))
+      upstream_changed = True  # what this stage writes now is new to every stage after it
       print(f"[{name}] running")
       self.dir(name).mkdir(parents=True, exist_ok=True)
       start = time.time()
@@ -83,13 +103,29 @@ class Run:
       counts = self._stage_fn(name)(name)
       if jax.process_index() == 0:
         artifacts.write_manifest(self.dir(name), stage=name, config_hash=self.hash, counts=counts,
-                                 outputs=self._outputs, seconds=time.time() - start)
+                                 outputs=self._outputs, seconds=time.time() - start,
+                                 selection=self.selection_of(name))
       print(f"[{name}] done in {round(time.time() - start, 2)} s: {json.dumps(counts)[:300]}")
 
   def _write(self, stage: str, name: str, records) -> None:
     """Writes one output of the running stage (process 0) and notes its digest for the manifest."""
     if jax.process_index() == 0:
       self._outputs[name] = artifacts.write_records(self.dir(stage) / name, records)
+
+  def _invalidate(self, name: str, reselect: bool) -> None:
+    """Forgets a finished stage: when it only re-selects, its manifest (its scores are kept, checked,
+    for the new selection); else its whole folder (training would resume from old checkpoints)."""
+    if reselect:
+      self._stored_scores[name] = self.artifacts.read(name, artifacts.SCORES, artifacts.Score)
+    distributed.barrier(f"{name}_read_before_invalidate")
+    if jax.process_index() == 0:
+      if reselect:
+        (self.dir(name) / artifacts.MANIFEST).unlink()
+      else:
+        shutil.rmtree(self.dir(name))
+    distributed.barrier(f"{name}_invalidate")
+    print(f"[{name}] " + ("selection changed: re-selecting from the stored scores, no judge" if reselect
+                          else "made from inputs that changed: running again"))
 
   def _stage_fn(self, name):
     for prefix in ("train_m", "curate_m"):
@@ -136,14 +172,10 @@ class Run:
   def _train(self, name):
     t = int(name.removeprefix("train_m"))
     seed = self.artifacts.read("prepare_seed", artifacts.SEED, SeedPair)
-    c = self.cfg.pipeline
-    if t == 0:
-      pairs = [finetune.Pair(r.instruction, r.output, c.seed_only_tags) for r in seed]
-    else:
-      curated = self.artifacts.read(f"curate_m{t - 1}", artifacts.CURATED, CuratedPair)
-      pairs = ([finetune.Pair(r.instruction, r.output, [prompts.SEED_TAG]) for r in seed] +
-               [finetune.Pair(r.instruction, r.output, [prompts.WEB_TAG]) for r in curated])
-    start = self._base_params if c.fresh_from_base or t == 0 else self._model_params(f"train_m{t - 1}")
+    curated = self.artifacts.read(f"curate_m{t - 1}", artifacts.CURATED, CuratedPair) if t else []
+    pairs = ablations.training_pairs(self.cfg, seed, curated, t)
+    start_stage = ablations.start_stage(self.cfg, t)
+    start = self._base_params if start_stage is None else lambda: self._model_params(start_stage)
     return self._finetune(name, pairs, start)
 
   def _finetune(self, name, pairs, init_params):
@@ -196,27 +228,22 @@ class Run:
   def _curate(self, name):
     t = int(name.removeprefix("curate_m"))
     candidates = self.artifacts.read("augment", artifacts.CANDIDATES, Candidate)
-    engine = self._engine(f"train_m{t}")
-    c = self.cfg.pipeline
-    offsets = {r.id: i for i, r in enumerate(candidates)}
-    if c.curation_mode == "expected":
-      work = lambda batch: curate.score_candidates_by_expectation(engine, self.tokenizer, self.cfg, batch)
+    c, sel = self.cfg.pipeline, selection.of(self.cfg)
+    judged = dict(judged=False)
+    if sel is None:  # the uncurated control: seed + all of A, no judge
+      scored = []
+    elif name in self._stored_scores:  # judged under this same config: only the selection changed
+      scored = self._stored_scores.pop(name)
     else:
-      work = lambda batch: curate.score_candidates_by_generation(engine, self.tokenizer, self.cfg, batch,
-                                                                 offsets[batch[0].id])
-    timing = self._sharded(name, candidates, work)
-    scored = [artifacts.from_dict(artifacts.Score, r, f"{self.dir(name)}/{artifacts.SHARDS}")
-              for r in shards.merge(self.dir(name) / artifacts.SHARDS, [r.id for r in candidates])]
-    k = curate.threshold(scored, c.threshold_k, c.curation_mode, c.keep_top_fraction)
-    keep = curate.selected(scored, k, c.curation_mode)
-    score_of = {s.id: s.expected_score if s.expected_score is not None else s.score for s in scored}
-    curated = [CuratedPair(id=r.id, instruction=r.instruction, output=r.output, score=score_of[r.id], header=r.header)
-               for r in candidates if r.id in keep]
+      scored, judged = self._judge(name, t, candidates)
+    kept, k = selection.select(candidates, scored, sel)
+    score_of = {s.id: selection.value(s, c.curation_mode) for s in scored}
+    curated = [CuratedPair(id=r.id, instruction=r.instruction, output=r.output, score=score_of.get(r.id),
+                           header=r.header) for r in kept]
     self._write(name, artifacts.SCORES, scored)
     self._write(name, artifacts.CURATED, curated)
     sources.write_dataset([artifacts.as_dict(r) for r in curated], self.workdir / "datasets", f"curated_{t + 1}",
                           kind="pairs")
-    unparsed = sum(s.score is None for s in scored)
     values = sorted(v for v in score_of.values() if v is not None)
     spread = dict(score_min=values[0], score_median=values[len(values) // 2], score_max=values[-1]) if values else {}
     if candidates and not curated:  # say it loudly: the next model would silently train on the seed alone
@@ -224,8 +251,23 @@ class Run:
       print(f"[{name}] warning: no candidate reached threshold_k={c.threshold_k} ({seen}); "
             f"train_m{t + 1} trains on the seed alone", file=sys.stderr)
     return dict(candidates=len(candidates), curated=len(curated), threshold_k=c.threshold_k,
-                keep_top_fraction=c.keep_top_fraction, threshold_used=k, mode=c.curation_mode, unparsable=unparsed, **spread, **timing,
-                tokens_per_s=engine.stats.tokens_per_second, compiles=engine.stats.compiles)
+                keep_top_fraction=c.keep_top_fraction, threshold_used=k, mode=c.curation_mode,
+                unparsable=sum(s.score is None for s in scored), **spread, **judged)
+
+  def _judge(self, name, t, candidates):
+    """Every candidate's score from M_t (resumable shards); returns (scores, judge counts)."""
+    engine = self._engine(f"train_m{t}")
+    offsets = {r.id: i for i, r in enumerate(candidates)}
+    if self.cfg.pipeline.curation_mode == "expected":
+      work = lambda batch: curate.score_candidates_by_expectation(engine, self.tokenizer, self.cfg, batch)
+    else:
+      work = lambda batch: curate.score_candidates_by_generation(engine, self.tokenizer, self.cfg, batch,
+                                                                 offsets[batch[0].id])
+    timing = self._sharded(name, candidates, work)
+    scored = [artifacts.from_dict(artifacts.Score, r, f"{self.dir(name)}/{artifacts.SHARDS}")
+              for r in shards.merge(self.dir(name) / artifacts.SHARDS, [r.id for r in candidates])]
+    return scored, dict(judged=True, **timing, tokens_per_s=engine.stats.tokens_per_second,
+                        compiles=engine.stats.compiles)
 
   def _sharded(self, name, records, work):
     """Runs `work` over this process's shards, then waits for every process (the merge reads all)."""
@@ -282,4 +324,33 @@ def run_pipeline(cfg, workdir: Path, layout, *, start: str | None = None, until:
     for stage in stage_names(cfg)[stage_names(cfg).index(start):]:
       shutil.rmtree(run.dir(stage), ignore_errors=True)
   run.run(chosen)
+  return Path(workdir) / "report" / "report.md"
+
+
+def saved_config(workdir: Path):
+  """The config the last pipeline run in `workdir` used (its config.json), unlocked."""
+  import ml_collections
+  path = Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise ConfigError(f"{path} does not exist: pass --config, or run `humpback pipeline` in this workdir first")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def reselect(cfg, workdir: Path, layout, stage: str, *, k: float | None = None,
+             keep_top_fraction: float | None = None, progress: bool = True) -> Path:
+  """Applies threshold `k` to curate `stage` from its stored scores (no judge), then runs every later stage."""
+  names = stage_names(cfg)
+  if stage not in names or not stage.startswith("curate_m"):
+    raise ConfigError(f"--stage={stage}: not a curate stage of this config; curate stages: "
+                      f"{', '.join(n for n in names if n.startswith('curate_m'))}")
+  if artifacts.read_manifest(Path(workdir) / stage) is None:
+    raise ConfigError(f"{Path(workdir) / stage}: not judged yet (no {artifacts.MANIFEST}); run "
+                      f"`humpback pipeline --until={stage}` first")
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    if k is not None:
+      cfg.pipeline.threshold_k = float(k)
+    if keep_top_fraction is not None:
+      cfg.pipeline.keep_top_fraction = float(keep_top_fraction)
+  Run(cfg, workdir, layout, progress).run(names[names.index(stage):])
   return Path(workdir) / "report" / "report.md"

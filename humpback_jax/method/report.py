@@ -6,13 +6,12 @@ Built from the workdir alone: each stage's manifest and its checked artifacts (a
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from humpback_jax import shards
-from humpback_jax.method import artifacts
+from humpback_jax.method import artifacts, selection
 from humpback_jax.method.artifacts import Candidate, CuratedPair, Score, SeedPair
 
 # METHOD.md: seed and augmented-data statistics and the 65B run's curated sizes.
@@ -41,12 +40,15 @@ def write(workdir: Path, stages: list[str]) -> dict:
       scored = work.read(name, artifacts.SCORES, Score)
       curated = work.read(name, artifacts.CURATED, CuratedPair)
       last = (name, scored, curated)
-      hist = Counter(s.score for s in scored)
+      counts = manifests[name].get("counts") or {}
+      mode = counts.get("mode", "generate")
+      values = [selection.value(s, mode) for s in scored]  # the score the threshold compared
+      unparsable = sum(s.score is None for s in scored)
       iterations[name] = dict(
-          histogram={str(k): hist.get(k, 0) for k in (1, 2, 3, 4, 5)}, unparsable=hist.get(None, 0),
-          parse_failure_rate=hist.get(None, 0) / max(len(scored), 1),
+          mode=mode, threshold=counts.get("threshold_used"), histogram=selection.histogram(scored, mode),
+          unparsable=unparsable, parse_failure_rate=unparsable / max(len(scored), 1),
           curated=len(curated), curated_share=len(curated) / max(len(candidates), 1),
-          at_least_4=sum(1 for s in scored if (s.score or 0) >= 4),
+          at_least_4=sum(1 for v in values if v is not None and v >= 4),
           curated_output_chars=length_stats(r.output for r in curated),
           curated_instruction_chars=length_stats(r.instruction for r in curated))
   summary = dict(
@@ -63,20 +65,36 @@ def write(workdir: Path, stages: list[str]) -> dict:
 
 
 def _plot_histograms(iterations: dict, png: Path) -> None:
+  """One panel per iteration: the histogram of the score its threshold compared, the threshold a red line."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  width = 0.8 / max(len(iterations), 1)
-  for i, (name, it) in enumerate(iterations.items()):
-    xs = np.arange(1, 6) + i * width
-    ax.bar(xs, [it["histogram"][str(k)] for k in range(1, 6)], width=width, label=name)
-  ax.set_xlabel("score")
-  ax.set_ylabel("candidates")
-  ax.legend()
+  fig, axes = plt.subplots(1, max(len(iterations), 1), figsize=(5 * max(len(iterations), 1), 3.5), squeeze=False)
+  for ax, (name, it) in zip(axes[0], iterations.items()):
+    bins = it["histogram"]["bins"]
+    if it["mode"] == "expected":  # bins keyed by their lower edge; the threshold sits between bars
+      ax.bar([float(lo) for lo in bins], list(bins.values()), width=selection.EXPECTED_BIN, align="edge")
+      line = it["threshold"]
+    else:  # integer scores: the line sits left of the lowest kept score's bar
+      ax.bar([int(k) for k in bins], list(bins.values()), width=0.8)
+      line = None if it["threshold"] is None else it["threshold"] - 0.5
+    if line is not None:
+      ax.axvline(line, color="red", linestyle="--", label=f"threshold {it['threshold']:g}")
+      ax.legend()
+    ax.set_title(f"{name} ({it['mode']} score)")
+    ax.set_xlabel("expected score" if it["mode"] == "expected" else "score")
+    ax.set_ylabel("candidates")
   fig.tight_layout()
   fig.savefig(png, dpi=100)
   plt.close(fig)
+
+
+def _threshold_mark(lo: float, width: float, threshold: float | None) -> str:
+  if threshold is None:
+    return ""
+  if lo >= threshold - 1e-9:
+    return ">= kept"
+  return "threshold inside this bin" if lo + width > threshold + 1e-9 and width < 1 else ""
 
 
 def _fmt(ms) -> str:
@@ -108,13 +126,20 @@ def _markdown(workdir: Path, s: dict, candidates: list[Candidate], last) -> str:
             f"| seed output | {_fmt(s['seed_output_chars'])} | {_fmt(p['seed_output_chars'])} |",
             f"| augmented output | {_fmt(s['augmented_output_chars'])} | {_fmt(p['augmented_output_chars'])} |"]
   lines += ["", "## Self-curation", "", "![score histogram](score_histogram.png)", "",
-            "| iteration | 1 | 2 | 3 | 4 | 5 | unparsable | parse failure | curated (share) | score>=4 | curated output chars |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "Scores are the ones each threshold compared: parsed (generate mode) or expected (expected mode).", "",
+            "| iteration | mode | threshold | unparsable | parse failure | curated (share) | score>=4 | curated output chars |",
+            "|---|---|---|---|---|---|---|---|"]
   for name, it in s["iterations"].items():
-    h = it["histogram"]
-    lines.append(f"| {name} | {h['1']} | {h['2']} | {h['3']} | {h['4']} | {h['5']} | {it['unparsable']} | "
+    threshold = "none (all kept)" if it["threshold"] is None else f"{it['threshold']:g}"
+    lines.append(f"| {name} | {it['mode']} | {threshold} | {it['unparsable']} | "
                  f"{it['parse_failure_rate']:.1%} | {it['curated']} ({it['curated_share']:.1%}) | {it['at_least_4']} | "
                  f"{_fmt(it['curated_output_chars'])} |")
+  for name, it in s["iterations"].items():
+    lines += ["", f"{name}, histogram of the {it['mode']} score (kept: at or above the threshold):", "",
+              "| score | candidates | |", "|---|---|---|"]
+    width = selection.EXPECTED_BIN if it["mode"] == "expected" else 1.0
+    for lo, n in it["histogram"]["bins"].items():
+      lines.append(f"| {lo} | {n} | {_threshold_mark(float(lo), width, it['threshold'])} |")
   lines += ["", f"Paper (65B, A^(2)): k=5 keeps {p['curated_5_size']:,} ({p['curated_5_share']:.1%}), "
             f"k=4 keeps {p['curated_4_size']:,} ({p['curated_4_share']:.1%}).", ""]
   if last:
