@@ -84,12 +84,20 @@ def test_killed_during_augmentation_and_curation_completes_with_every_id_once(tm
   assert len(set(curated)) == len(curated) and set(curated) <= set(candidates)
   report = (work / "report" / "report.md").read_text()
   assert "Self-curation" in report and (work / "report" / "score_histogram.png").exists()
+  for stage in ("train_backward", "train_m0", "train_m1"):  # the paper's batch is examples: epochs follow
+    counts = json.loads((work / stage / "manifest.json").read_text())["counts"]
+    assert counts["epochs"] == round(counts["steps"] * counts["batch_size"] / counts["examples"], 3)
 
-  # Re-curating at a threshold no score reaches keeps nothing, and says so with the score range.
-  strict = subprocess.run(command(work, "--from=curate_m0", "--until=curate_m0", "--config.pipeline.threshold_k=6"),
+  # Re-curating at a threshold no score reaches keeps nothing, and says so with the score range; the
+  # judge does not run again: the stored scores are re-selected.
+  scores = (work / "curate_m0" / "scores.jsonl").read_bytes()
+  strict = subprocess.run(command(work, "--until=curate_m0", "--config.pipeline.threshold_k=6"),
                           cwd=ROOT, env=env(), capture_output=True, text=True)
   assert strict.returncode == 0, strict.stderr[-3000:]
+  assert "[curate_m0] selection changed: re-selecting from the stored scores, no judge" in strict.stdout
+  assert (work / "curate_m0" / "scores.jsonl").read_bytes() == scores
   counts = json.loads((work / "curate_m0" / "manifest.json").read_text())["counts"]
+  assert counts["judged"] is False
   assert counts["curated"] == 0 and 1 <= counts["score_min"] <= counts["score_median"] <= counts["score_max"] <= 5
   assert (f"[curate_m0] warning: no candidate reached threshold_k=6.0 (expected scores "
           f"{counts['score_min']:.2f}-{counts['score_max']:.2f}); train_m1 trains on the seed alone") in strict.stderr
