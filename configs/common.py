@@ -168,7 +168,7 @@ def pipeline_config(**overrides) -> ml_collections.ConfigDict:
       seed_only_tags=(),          # M_0 is trained on seed alone: no tags (the paper tags only mixtures)
       train_tags="both",          # paper: seed pairs get the seed tag, augmented the web tag; none|seed|web|both
       inference_tags="both",      # paper's best: seed tag then web tag appended at inference; none|seed|web|both
-      tag_separator=prompts.TAG_SEPARATOR,  # open ("\\n\\n"): between the instruction and its tags (tags join with one space)
+      tag_separator=prompts.TAG_SEPARATOR,  # open (a blank line): between the instruction and its tags (tags join with one space)
   ))
   cfg.update(overrides)
   return cfg
