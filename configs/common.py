@@ -74,6 +74,7 @@ MESHES = {
     "tpu_v5e_256": (-1, 16, 1),      # 256 chips: 16-way FSDP x data
     "tpu_v5p_64": (1, -1, 1),        # v5p-64: 32 chips, FSDP
     "tpu_v5p_128_tensor": (1, -1, 4),
+    "tpu_two_slices": (2, -1, 1),    # two slices: data parallel over DCN, FSDP inside each slice
 }
 
 
@@ -130,7 +131,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       compute_dtype="float32", param_dtype="float32",
       seed=0,
       log_every=10, checkpoint_every=100, keep_checkpoints=2,
-      peak_flops=190e9,                              # per device, for MFU: a CPU's fp32 peak (bench/RESULTS.md)
+      peak_flops=190e9,                              # MFU's peak per CPU device (bench/RESULTS.md; accelerators: chips.py)
       on_bad_record="raise",                         # or "skip" (counted)
   ))
   cfg.update(overrides)

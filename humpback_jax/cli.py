@@ -8,6 +8,7 @@
   humpback eval-generate --checkpoint=DIR --prompts=alpaca_eval.json --output=model_outputs.json
   humpback eval-judge --checkpoint=DIR|FILE.gguf --labels=judge_dev.jsonl --mode=generate|expected|both
   humpback plan --config=configs/llama.py:variant=65b,mesh=fsdp --devices=64 [--device-gib=80]
+  humpback plan --config=configs/llama.py:variant=7b,mesh=fsdp --topology=v5p:2x2x2 [--slices=2] --compile [--mode=generate]
 
 Every command that writes a workdir (train, generate's --output, pipeline) holds it alone: a second
 run on it stops at once naming the holder. A failure prints one line naming the file and what to do;
@@ -136,6 +137,7 @@ def cmd_generate(args, overrides):
 def cmd_pipeline(args, overrides):
   from humpback_jax.method import pipeline
   cfg = _config(args, overrides)
+  pipeline.check_pipeline_config(cfg)  # required fields named before any device or model is touched
   layout = _layout(cfg)
   report = pipeline.run_pipeline(cfg, Path(args.workdir), layout, start=getattr(args, "from"), until=args.until)
   print(f"report: {report}")
@@ -179,10 +181,27 @@ def cmd_eval_judge(args, overrides):
 
 def cmd_plan(args, overrides):
   from humpback_jax import plan
+  from humpback_jax.errors import ConfigError
   cfg = _config(args, overrides)
-  result = plan.plan(cfg, args.devices, device_gib=args.device_gib, mode=args.mode)
-  print(result.table())
-  if not result.fits:
+  if args.topology and args.devices is not None:
+    raise ConfigError("--devices: a --topology fixes the device count; pass one or the other")
+  if args.compile and not args.topology:
+    raise ConfigError("--compile: needs --topology=NAME (e.g. v5p:2x2x2) to compile for")
+  if args.compile:
+    report, fits = plan.compiled_report(cfg, args.topology, args.slices, args.mode, args.prompt_len)
+    print(report)
+  else:
+    devices, gib = plan.config_devices(cfg, args.devices), args.device_gib
+    if args.topology:
+      devices, gib = plan.topology_size(args.topology, args.slices)
+    batch, seq = None, None
+    if args.mode == "generate":
+      batch, prompt, new = plan.generate_shape(cfg, args.prompt_len)
+      seq = prompt + new
+    result = plan.plan(cfg, devices, device_gib=gib, mode=args.mode, batch=batch, seq_len=seq)
+    print(result.table())
+    fits = result.fits
+  if not fits:
     raise SystemExit(1)
 
 
@@ -238,11 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
   j.add_argument("--batch-size", type=int, default=16)
   j.add_argument("--limit", type=int, default=None)
   j.add_argument("--output", default=None, help="write the report and every pair's scores as JSON")
-  pl = add("plan", help="per-device memory of a job, from shapes alone; exit 1 if it does not fit")
+  pl = add("plan", help="per-device memory of a job from shapes, or compiled for a TPU topology; exit 1 if it does not fit")
   pl.add_argument("--config", required=True)
-  pl.add_argument("--devices", type=_positive_int, required=True)
+  pl.add_argument("--devices", type=_positive_int, default=None, help="default: the config mesh's own size")
   pl.add_argument("--device-gib", type=float, default=80.0)
   pl.add_argument("--mode", choices=["train", "generate"], default="train")
+  pl.add_argument("--topology", default=None, help="a TPU slice, e.g. v5p:2x2x2, v5e:16x16 (needs libtpu: .[tpu])")
+  pl.add_argument("--slices", type=_positive_int, default=1, help="slices of --topology (multi-slice over DCN)")
+  pl.add_argument("--compile", action="store_true", help="AOT-compile the real programs for --topology "
+                  "and print XLA's per-device memory and FLOPs")
+  pl.add_argument("--prompt-len", type=_positive_int, default=None,
+                  help="generate mode: prompt tokens (default: the longest prompt bucket that fits)")
   return p
 
 

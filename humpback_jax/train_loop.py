@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from humpback_jax import distributed, metrics_log, sharding, train
+from humpback_jax import chips, distributed, metrics_log, sharding, train
 from humpback_jax.errors import DataError, Preempted, TrainingDiverged
 
 
@@ -68,6 +68,7 @@ def run(model_cfg, train_cfg, layout: sharding.Layout, loader, init_params, work
   bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress or jax.process_index() != 0,
              dynamic_ncols=True)
   window_tokens, window_start = 0.0, time.perf_counter()
+  peak = chips.peak_flops(jax.devices()[0].device_kind, train_cfg.peak_flops)  # per device, for MFU
   last_loss = float("nan")
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   try:
@@ -94,7 +95,7 @@ def run(model_cfg, train_cfg, layout: sharding.Layout, loader, init_params, work
           log.write(step, dict(loss=last_loss, grad_norm=float(metrics["grad_norm"]),
                                learning_rate=float(optimizer_lr(train_cfg, total_steps, step - 1)),
                                tokens_per_s=tok_s,
-                               mfu=train.mfu(model_cfg, tok_s, seq_len, train_cfg.peak_flops, jax.device_count())))
+                               mfu=train.mfu(model_cfg, tok_s, seq_len, peak, jax.device_count())))
           window_tokens, window_start = 0.0, time.perf_counter()
         if sigterm.raised:
           manager.save(step, args=_save_args(state, loader), force=True)

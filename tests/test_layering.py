@@ -9,12 +9,12 @@ PACKAGE = ROOT / "humpback_jax"
 # Lowest first. A module may import its own layer or a lower one, never a higher one. A module of a
 # subpackage takes its subpackage's layer; a new top-level module or subpackage must be placed here.
 LAYERS = (
-    ("base", ("errors", "user_errors", "xla_flags", "malloc_env", "distributed", "metrics_log", "shards",
+    ("base", ("errors", "user_errors", "xla_flags", "chips", "malloc_env", "distributed", "metrics_log", "shards",
               "assets_fetch", "workdir_lock", "quiet", "tokenizer", "prompts", "kernels")),
     ("config", ("config", "configlib", "sharding")),
     ("model", ("model",)),
     ("checkpoints and data", ("checkpoints", "data")),
-    ("engines", ("train", "train_loop", "generate", "engine", "plan")),
+    ("engines", ("train", "train_loop", "generate", "engine", "plan", "aot")),
     ("api", ("api",)),
     ("method", ("method",)),
     ("entry points", ("cli", "tools", "__init__")),

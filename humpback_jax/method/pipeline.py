@@ -297,10 +297,20 @@ def check_pipeline_config(cfg) -> None:
   missing = [name for name in PIPELINE_SECTIONS if name not in cfg]
   if not missing and not cfg.base.checkpoint and "pretrain" not in cfg:
     missing = ["pretrain (needed when base.checkpoint is empty)"]
+  if missing == ["pretrain (needed when base.checkpoint is empty)"]:
+    raise ConfigError("base.checkpoint: empty, and this config has no pretrain stage; name the base model, "
+                      "e.g. --config.base.checkpoint=/ckpt/llama-7b-hf (our checkpoint folder, a Hugging Face "
+                      "folder or a .gguf file)")
   if missing:
     raise ConfigError(f"--config: not a pipeline config: it has no {', '.join(missing)} section(s); run the "
-                      "method with a pipeline config (configs/toy.py, configs/smollm2_135m.py) and use model "
-                      "configs with `humpback train` or `humpback plan`")
+                      "method with a pipeline config (configs/humpback.py, configs/toy.py, configs/smollm2_135m.py) "
+                      "and use model configs with `humpback train` or `humpback plan`")
+  if not cfg.data.seed_path:
+    raise ConfigError("data.seed_path: empty; name the seed set, e.g. --config.data.seed_path=/data/oasst1 "
+                      "(an OASST export or (instruction, output) JSONL)")
+  if not cfg.data.corpus_path and not cfg.data.get("corpus_tfds_name"):
+    raise ConfigError("data.corpus_path: empty (and no data.corpus_tfds_name); name the unlabelled corpus, "
+                      "e.g. --config.data.corpus_path=/data/web_segments (a folder, txt, JSONL or WARC)")
 
 
 def select_stages(cfg, start: str | None, until: str | None) -> list[str]:

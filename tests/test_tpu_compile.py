@@ -1,0 +1,90 @@
+"""Our real programs compile for TPU topologies from this CPU host (libtpu's AOT path), sharded as
+the layout says. Needs libtpu (the `test` extra installs it); skipped without it.
+
+The LLaMA-7B test is slow (minutes): JAX_NUM_CPU_DEVICES=8 python -m pytest -m slow tests/test_tpu_compile.py
+"""
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("libtpu")
+
+from humpback_jax import aot, configlib  # noqa: E402
+
+TOY = ["config.model.num_layers=1", "config.train.batch_size=8", "config.train.seq_len=128",
+       "config.generate.batch_size=8"]
+
+
+def toy(mesh, *overrides):
+  return configlib.load_config(f"configs/llama.py:variant=toy,mesh={mesh}", [*TOY, *overrides])
+
+
+def _spec_axes(sharding):
+  return {a for entry in sharding.spec if entry for a in ((entry,) if isinstance(entry, str) else entry)}
+
+
+@pytest.fixture(scope="module", params=[("v5e:2x2", 1, "fsdp"), ("v5e:2x2", 2, "tpu_two_slices")],
+                ids=["v5e_2x2", "two_slices"])
+def compiled(request):
+  topology, slices, mesh = request.param
+  cfg = toy(mesh)
+  layout = aot.topology_layout(cfg.mesh, aot.topology_devices(topology, slices))
+  programs = [aot.train_step(cfg, layout), *aot.generate_programs(cfg, layout, batch=8, prompt_len=32, max_new=4)]
+  return layout, {p.name: p for p in programs}
+
+
+def test_train_step_shards_params_over_fsdp_and_the_batch_over_data(compiled):
+  layout, programs = compiled
+  state, batch = programs["train step"].program.input_shardings[0]
+  up = state["params"]["layers"][0]["mlp"]["up"]
+  assert not up.is_fully_replicated and "fsdp" in _spec_axes(up)
+  assert "fsdp" in _spec_axes(state["opt_state"][1][0].mu["embed"])  # Adam's moments shard as the params
+  assert batch["tokens"].spec[0] == ("data", "fsdp")  # rows split over every data-parallel device
+  assert programs["train step"].flops > 0 and programs["train step"].total > 0
+
+
+def test_the_train_step_runs_splash_attention_on_tpu(compiled):
+  hlo = compiled[1]["train step"].program.as_text()
+  assert "splash" in hlo.lower() or "tpu_custom_call" in hlo
+
+
+def test_prefill_and_decode_compile_with_a_sharded_cache(compiled):
+  layout, programs = compiled
+  params, cache = programs["decode"].program.input_shardings[0][:2]
+  assert not params["embed"].is_fully_replicated
+  assert "fsdp" in _spec_axes(cache.k[0])  # each device holds its own rows' cache
+  assert programs["prefill"].total > 0 and programs["decode"].aliases > 0  # the cache is donated
+
+
+def test_two_slices_put_the_data_axis_across_slices(compiled):
+  layout, programs = compiled
+  if layout.mesh.devices.size == 4:
+    pytest.skip("one slice")
+  assert layout.mesh.shape["data"] == 2
+  for i in range(2):
+    assert {d.slice_index for d in layout.mesh.devices[i].flat} == {i}
+
+
+def test_plan_compile_prints_xla_figures_and_ends_with_the_verdict():
+  out = subprocess.run([sys.executable, "-m", "humpback_jax.cli", "plan", "--config=configs/llama.py:variant=toy,mesh=fsdp",
+                        "--topology=v5e:2x2", "--compile", *[f"--{o}" for o in TOY]],
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.strip().splitlines()
+  assert any(line.startswith("| train step |") for line in lines)
+  assert lines[-1].startswith("compiled: fits (") and lines[-1].endswith("GiB HBM per device)")
+
+
+def test_a_topology_libtpu_does_not_know_is_a_config_error():
+  from humpback_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="--topology: 'v5p-16'.*examples: v4:2x2x1"):
+    aot.topology_devices("v5p-16")
+
+
+@pytest.mark.slow
+def test_llama_7b_train_step_fits_a_v5p_2x2x2_slice():
+  cfg = configlib.load_config("configs/llama.py:variant=7b,mesh=fsdp")
+  layout = aot.topology_layout(cfg.mesh, aot.topology_devices("v5p:2x2x2"))
+  step = aot.train_step(cfg, layout)
+  assert step.total <= aot.hbm_bytes(layout)
