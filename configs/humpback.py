@@ -17,6 +17,7 @@ Models: any preset of configs/common.py MODELS (llama1_7b/13b/33b/65b, llama2_*,
 import ml_collections
 
 from configs import common
+from humpback_jax.data import corpus
 
 
 def get_config(arg=None):
@@ -25,10 +26,9 @@ def get_config(arg=None):
   config.model = common.model_preset(arg.model, dtype="bfloat16", param_dtype="float32", remat_policy="full")
   config.mesh = common.mesh_preset(arg.mesh)
   config.base = ml_collections.ConfigDict(dict(checkpoint="", format="auto"))
-  template = common.LLAMA2_INST
-  config.tokenizer = ml_collections.ConfigDict(dict(path="", chat_template=template))
+  config.tokenizer = ml_collections.ConfigDict(dict(path="", chat_template=common.LLAMA2_INST))
   config.data = common.data_config()
-  config.corpus = common.corpus_config()
+  config.corpus = ml_collections.ConfigDict(corpus.corpus_config())  # data/corpus.py: keys and defaults
   config.train = common.train_config(seq_len=min(2048, config.model.max_seq_len))
   config.generate = common.generate_config(batch_size=256, prompt_buckets=(256, 512, 1024))
   config.pipeline = common.pipeline_config()
