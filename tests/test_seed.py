@@ -235,3 +235,14 @@ def test_load_seed_skip_mode_counts_bad_lines(tmp_path):
   path.write_text('{"instruction": "q", "output": "a"}\nnot json\n', encoding="utf-8")
   examples, counts = load_seed(path, n=None, on_error="skip")
   assert len(examples) == 1 and counts["line_errors"] == {"invalid_json": 1}
+
+
+def test_the_prepare_seed_manifest_counts_each_skip_reason(tmp_path):
+  from helpers import layout
+  from humpback_jax import configlib
+  from humpback_jax.method import artifacts, pipeline
+  seed_path = write_jsonl(tmp_path / "oasst.trees.jsonl", TREES_WITH_EVERY_SKIP)
+  cfg = configlib.load_config("configs/toy.py", [f"--config.data.seed_path={seed_path}"])
+  pipeline.run_pipeline(cfg, tmp_path / "run", layout(), until="prepare_seed", progress=False)
+  counts = artifacts.read_manifest(tmp_path / "run" / "prepare_seed")["counts"]
+  assert counts["skipped"] == EVERY_SKIP_COUNTED and counts["seed_pairs"] == 2
