@@ -11,7 +11,7 @@ PAIRS = [
     dict(id="seed-0", instruction="Why is the sky blue?", output="Rayleigh scattering.", source="seed",
          score=None),
     dict(id="cand-1", instruction="Écris un poème ☃", output="Neige\nsur les toits.", source="candidates",
-         score=4.5),
+         score=4.5, header="Hiver"),
     dict(id="cand-2", instruction="", output="x" * 5000, source="candidates", score=5.0),
 ]
 SEGMENTS = [dict(id=f"d{i // 2}-s{i}", doc_id=f"d{i // 2}", header=f"Header {i}", text=f"Text number {i}.")
@@ -22,8 +22,8 @@ def test_pairs_read_back_equal_and_in_order(tmp_path):
   path = tds.write_pairs_dataset(PAIRS, tmp_path, "seed_pairs")
   got = list(tds.read_dataset(tmp_path, "seed_pairs"))
   assert path == str(tmp_path / "seed_pairs" / "1.0.0")
-  assert math.isnan(got[0]["score"])  # no score is stored as NaN
-  assert got == [PAIRS[0] | dict(score=got[0]["score"])] + PAIRS[1:]
+  assert math.isnan(got[0]["score"])  # no score is stored as NaN, no header as ""
+  assert got == [PAIRS[0] | dict(score=got[0]["score"], header=""), PAIRS[1], PAIRS[2] | dict(header="")]
 
 
 def test_segments_read_back_equal_and_in_order(tmp_path):

@@ -21,9 +21,10 @@ from humpback_jax import quiet
 from humpback_jax.errors import DataError
 
 # The schemas; `score` is the curation score, NaN when a pair has none (seed, uncurated candidates).
-PAIR_FIELDS = ("id", "instruction", "output", "source", "score")
+PAIR_FIELDS = ("id", "instruction", "output", "source", "score", "header")
 SEGMENT_FIELDS = ("id", "doc_id", "header", "text")
 _OPTIONAL_FLOATS = ("score",)
+_OPTIONAL_TEXTS = ("header",)  # the segment header a generated pair came from; "" when none
 
 
 def features_for(fields: Iterable[str]) -> tfds.features.FeaturesDict:
@@ -59,7 +60,8 @@ class _RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def _checked_record(record: Mapping, fields: tuple[str, ...], name: str, index: int) -> dict:
-  """The record with exactly `fields`; optional floats default to NaN; anything else is an error."""
+  """The record with exactly `fields`; optional floats default to NaN, optional texts to ""; anything
+  else is an error."""
   where = f"dataset {name!r}, record {index}"
   unknown = sorted(set(record) - set(fields))
   if unknown:
@@ -70,6 +72,8 @@ def _checked_record(record: Mapping, fields: tuple[str, ...], name: str, index: 
     value = record.get(field)
     if field in _OPTIONAL_FLOATS:
       checked[field] = math.nan if value is None else float(value)
+    elif field in _OPTIONAL_TEXTS and value is None:
+      checked[field] = ""
     elif not isinstance(value, str):
       reason = "missing" if value is None else f"expected a string, got {type(value).__name__}"
       raise DataError(f"{where}: field {field!r}: {reason}", path=name, line=index, field=field)
@@ -99,9 +103,10 @@ def _write(records: Iterable[dict], data_dir, name: str, version: str, fields: t
 
 def write_pairs_dataset(records: Iterable[dict], data_dir, name: str, version: str = "1.0.0",
                         overwrite: bool = False) -> str:
-  """Writes instruction pairs (id, instruction, output, source, score) in order; returns the dataset dir.
+  """Writes instruction pairs (id, instruction, output, source, score, header) in order; returns the dataset dir.
 
-  `score` may be missing or None (stored as NaN); any other missing or unknown field raises DataError.
+  `score` may be missing or None (stored as NaN), `header` too (stored as ""); any other missing or
+  unknown field raises DataError.
   An existing version raises FileExistsError unless `overwrite`.
   """
   return _write(records, data_dir, name, version, PAIR_FIELDS, "Instruction-output pairs.", overwrite)

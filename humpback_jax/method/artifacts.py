@@ -23,6 +23,7 @@ MANIFEST = "manifest.json"
 SEED = "seed.jsonl"            # prepare_seed
 SEGMENTS = "segments"          # prepare_corpus: the tfds dataset `workdir/datasets/segments`
 CANDIDATES = "candidates.jsonl"  # augment
+CANDIDATES_DATASET = "candidates"  # augment: the tfds dataset `workdir/datasets/candidates` (curate reads it)
 SCORES = "scores.jsonl"        # curate_m{t}
 CURATED = "curated.jsonl"      # curate_m{t}
 MODEL = "model"                # pretrain, train_backward, train_m{t}
@@ -111,13 +112,36 @@ def dataset_digest(data_dir: Path, name: str) -> dict:
   return _records_digest(data_dir, name)[0]
 
 
-def _records_digest(data_dir: Path, name: str) -> tuple[dict, list[dict]]:
+def _records_digest(data_dir: Path, name: str):
+  """The digest, the random-access source and the ids in order: one streaming pass, no rows kept."""
   from humpback_jax.data import tfds_datasets
-  h, rows = hashlib.sha256(), []
-  for row in tfds_datasets.read_dataset(data_dir, name):
+  h, ids = hashlib.sha256(), []
+  source = tfds_datasets.read_dataset(data_dir, name)
+  for row in source:
     h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode() + b"\n")
-    rows.append(row)
-  return dict(dataset=f"datasets/{name}", records=len(rows), sha256=h.hexdigest()), rows
+    ids.append(row["id"])
+  return dict(dataset=f"datasets/{name}", records=len(ids), sha256=h.hexdigest()), source, ids
+
+
+class DatasetView:
+  """A checked tfds dataset read by index: records typed as `cls` (fields outside it left out),
+  loaded only when asked, so a process reads just its own shards; `ids` in order."""
+
+  def __init__(self, source, ids: list[str], cls: type[Record], where: str):
+    self._source, self.ids, self._cls, self._where = source, ids, cls, where
+    self._fields = [f.name for f in dataclasses.fields(cls)]
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    row = self._source[index]
+    return from_dict(self._cls, {f: row[f] for f in self._fields if f in row}, f"{self._where} record {index}")
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
 
 
 def check_file(path: Path, recorded: dict, writer: str) -> None:
@@ -237,15 +261,16 @@ class Workdir:
     check_file(path, self._recorded(writer, name), writer)
     return read_records(path, cls)
 
-  def read_dataset(self, writer: str, name: str, cls: type[Record]) -> list[Record]:
-    """The records of the tfds dataset `writer` prepared, after checking them against its manifest."""
+  def read_dataset(self, writer: str, name: str, cls: type[Record]) -> DatasetView:
+    """The tfds dataset `writer` prepared, checked against its manifest in one streaming pass, as a
+    view whose records load by index (never the whole dataset in memory)."""
     recorded = self._recorded(writer, name)
-    found, rows = _records_digest(self.root / "datasets", name)
+    found, source, ids = _records_digest(self.root / "datasets", name)
     if (found["records"], found["sha256"]) != (recorded.get("records"), recorded.get("sha256")):
       raise DataError(f"{self.root / found['dataset']}: holds {found['records']} records (sha256 "
                       f"{found['sha256'][:12]}), but the {writer} manifest records {recorded.get('records')} (sha256 "
                       f"{str(recorded.get('sha256'))[:12]}); rerun with --from={writer}", path=self.root / found["dataset"])
-    return [from_dict(cls, r, f"{self.root / found['dataset']} record {i}") for i, r in enumerate(rows)]
+    return DatasetView(source, ids, cls, str(self.root / found["dataset"]))
 
   def model(self, writer: str) -> Path:
     """`writer`'s model folder, after checking every file against its manifest."""

@@ -209,17 +209,22 @@ class Run:
     return engines.engine(self.cfg, self.cfg.model, self._model_params(stage), self.layout)
 
   def _augment(self, name):
+    # A view: each process loads only the segments of its own shards; ids are all in memory (the merge needs them).
     segments = self.artifacts.read_dataset("prepare_corpus", artifacts.SEGMENTS, Segment)
     engine = self._engine("train_backward")
-    offsets = {s.id: i for i, s in enumerate(segments)}
+    offsets = {segment_id: i for i, segment_id in enumerate(segments.ids)}
     work = lambda batch: backtranslate.augment(engine, self.tokenizer, self.cfg, batch, offsets[batch[0].id])
     timing = self._sharded(name, segments, work)
     rows = [artifacts.from_dict(Candidate, r, f"{self.dir(name)}/{artifacts.SHARDS}")
-            for r in shards.merge(self.dir(name) / artifacts.SHARDS, [s.id for s in segments])]
+            for r in shards.merge(self.dir(name) / artifacts.SHARDS, segments.ids)]
     candidates = [r for r in rows if r.instruction]
     self._write(name, artifacts.CANDIDATES, candidates)
-    sources.write_dataset([artifacts.as_dict(c) for c in candidates], self.workdir / "datasets", "candidates",
-                          kind="pairs")
+    sources.write_dataset([artifacts.as_dict(c) for c in candidates], self.workdir / "datasets",
+                          artifacts.CANDIDATES_DATASET, kind="pairs")
+    if jax.process_index() == 0 and candidates:
+      self._outputs[artifacts.CANDIDATES_DATASET] = artifacts.dataset_digest(self.workdir / "datasets",
+                                                                             artifacts.CANDIDATES_DATASET)
+    distributed.barrier(f"{name}_dataset")  # curate reads it on every process
     statuses = {s: sum(r.status == s for r in rows) for s in ("ok", "empty", "skipped")}
     return dict(segments=len(segments), candidates=len(candidates), **statuses, **timing,
                 tokens_per_s=engine.stats.tokens_per_second, compiles=engine.stats.compiles,
@@ -227,7 +232,9 @@ class Run:
 
   def _curate(self, name):
     t = int(name.removeprefix("curate_m"))
-    candidates = self.artifacts.read("augment", artifacts.CANDIDATES, Candidate)
+    # A view whose records load by index, as in augment; tfds holds no empty split: no candidates, no dataset.
+    candidates = (self.artifacts.read_dataset("augment", artifacts.CANDIDATES_DATASET, Candidate)
+                  if self.artifacts.finished("augment")["counts"]["candidates"] else [])
     c, sel = self.cfg.pipeline, selection.of(self.cfg)
     judged = dict(judged=False)
     if sel is None:  # the uncurated control: seed + all of A, no judge

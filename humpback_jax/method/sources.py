@@ -59,7 +59,7 @@ def write_dataset(rows: list[dict], data_dir: Path, name: str, kind: str) -> Non
   if kind == "pairs":
     tfds_datasets.write_pairs_dataset(
         [dict(id=r["id"], instruction=r["instruction"], output=r["output"], source=r.get("source", name),
-              score=r.get("score")) for r in rows], data_dir, name, overwrite=True)
+              score=r.get("score"), header=r.get("header")) for r in rows], data_dir, name, overwrite=True)
   else:
     tfds_datasets.write_segments_dataset(
         [dict(id=r["id"], doc_id=r["doc_id"], header=r.get("header") or "", text=r["text"]) for r in rows],
