@@ -164,6 +164,15 @@ def test_the_text_mode_config_field_cuts_jsonl_and_text_files(tmp_path, mode, ke
   assert report["documents"] == 2
 
 
+@pytest.mark.parametrize("mode, kept", [("paragraphs", 3), ("document", 1)])
+def test_the_text_mode_config_field_cuts_a_tfds_text_corpus(tmp_path, mode, kept):
+  from humpback_jax.data import tfds_datasets
+  path = tfds_datasets.write_segments_dataset([dict(id="a", doc_id="a", header="", text=wiki_document(7))],
+                                              tmp_path, "wiki")
+  segments, report = corpus.prepare_local(corpus.CorpusSource(tfds_name=path), {"text_mode": mode})
+  assert [s.doc_id for s in segments] == [f"{path}-0"] * kept and report["documents"] == 1
+
+
 def test_jsonl_documents_take_ids_from_the_id_field(tmp_path):
   path = tmp_path / "docs.jsonl"
   path.write_text('{"id": "doc-a", "text": "One.\\n\\nTwo."}\n{"id": "doc-b", "text": "Three."}\n')
