@@ -37,6 +37,14 @@ ENGINES = {
 QUIET = " --default_sdk_harness_log_level=ERROR"
 
 
+def cpu_model() -> str:
+  """The CPU's model name (lscpu's), for the table header."""
+  for line in Path("/proc/cpuinfo").read_text().splitlines():
+    if line.startswith("model name"):
+      return line.split(":", 1)[1].strip()
+  return platform.machine()
+
+
 def python_docs() -> Path:
   for candidate in ["/usr/share/doc/python3-doc/html", *sorted(glob.glob("/usr/share/doc/python3.*-doc/html"))]:
     if Path(candidate).is_dir():
@@ -158,20 +166,21 @@ def main() -> None:
   work = Path(args.workdir)
   shutil.rmtree(work, ignore_errors=True)
   planted = build(work / "corpus", args.docs, args.near_dups)
+  megabytes = sum(p.stat().st_size for p in (work / "corpus").iterdir()) / 1e6
   similarities = sorted(s for _, s in planted.values())
   threshold = corpus.CORPUS_DEFAULTS["near_dup_threshold"]
-  print(f"# {args.docs} documents ({args.near_dups} planted near-duplicates, shingle Jaccard "
+  print(f"# {args.docs} documents ({megabytes:.1f} MB of HTML; {args.near_dups} planted near-duplicates, shingle Jaccard "
         f"{similarities[0]:.2f}-{similarities[-1]:.2f}, median {similarities[len(similarities) // 2]:.2f}, "
         f"{sum(s >= threshold for s in similarities)} at or over {threshold}); "
-        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
-  print("| engine | wall s | docs/s | CPU s | docs per CPU-s | peak RSS MiB (all processes) | kept | near-dups dropped | planted recall |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        f"{os.cpu_count()} CPUs, {cpu_model()}")
+  print("| engine | wall s | docs/s | CPU s | docs per CPU-s | MB per CPU-s | peak RSS MiB (all processes) | kept | near-dups dropped | planted recall |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   kept_by_engine = {}
   for engine in ENGINES:
     r = measure(engine, work / "corpus", work / engine.replace(", ", "_").replace(" ", ""))
     kept_by_engine[engine] = r["kept_docs"]
     print(f"| {engine} | {r['seconds']:.0f} | {args.docs / r['seconds']:.0f} | {r['cpu_seconds']:.0f} | "
-          f"{args.docs / r['cpu_seconds']:.0f} | {r['peak_mib']:.0f} | "
+          f"{args.docs / r['cpu_seconds']:.0f} | {megabytes / r['cpu_seconds']:.2f} | {r['peak_mib']:.0f} | "
           f"{r['report']['kept']} | {r['report']['near_duplicate']} | {recall(planted, r['kept_docs'], threshold):.3f} |", flush=True)
   same = all(kept == kept_by_engine["local"] for kept in kept_by_engine.values())
   print(f"\nAll engines wrote the same segments in the same order: {'yes' if same else 'NO'}")
