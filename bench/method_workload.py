@@ -67,9 +67,11 @@ class Ours:
   """One of our engines (static, continuous or continuous + prefix reuse), compiled across runs."""
 
   def __init__(self, model, cfg, kind: str, slots: int):
-    g = dict(generate.engine_options(cfg.generate), batch_size=slots)
-    g.update(scheduler="static" if kind == "static" else "continuous", prefix_reuse=kind == "prefix")
-    self.engine = generate.Engine(model.cfg, model.params, model.layout, **g)
+    g = cfg.generate
+    self.engine = generate.Engine(model.cfg, model.params, model.layout, prompt_buckets=tuple(g.prompt_buckets),
+                                  batch_size=slots, scheduler="static" if kind == "static" else "continuous",
+                                  decode_steps=g.decode_steps, prefill_chunk=g.prefill_chunk,
+                                  prefix_reuse=kind == "prefix")
 
   def generate(self, ids, sampling, eos):
     return self.engine.generate_ids(ids, sampling, eos_ids=[eos])

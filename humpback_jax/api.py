@@ -110,7 +110,8 @@ class Model:
     ids = [tok.encode_prompt(self.render(p) if chat else p) for p in prompts]
     sampling = generate.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                                        max_new_tokens=max_new_tokens, seed=seed)
-    outs = self.engine.generate_ids(ids, sampling, eos_ids=[tok.eos_id])
+    stopped = (lambda i, new: any(s and s in tok.decode(new) for s in stop)) if stop else None  # frees a slot early
+    outs = self.engine.generate_ids(ids, sampling, eos_ids=[tok.eos_id], stop=stopped)
     return [generate.truncate_at_stop(tok.decode(o), stop) if o is not None else None for o in outs]
 
   def score(self, prompts: Sequence[str], continuations: Sequence[str], *, chat: bool = True) -> np.ndarray:

@@ -120,7 +120,8 @@ def generate_argv(inputs, out):
   return [*CLI, "generate", "--config=configs/toy.py", f"--checkpoint={inputs / 'model'}",
           f"--input={inputs / 'prompts.jsonl'}", f"--output={out}", "--chat", "--config.generate.max_new_tokens=6",
           "--config.generate.batch_size=8", "--config.generate.shard_size=8", "--config.generate.seed=11",
-          "--config.generate.prompt_buckets=(64,128)"]
+          "--config.generate.prompt_buckets=(64,128)",
+          "--config.generate.scheduler=continuous"]  # the engine of the SmolLM2 main job (slots, chunked prefill)
 
 
 def shard_count(out) -> int:
