@@ -58,6 +58,9 @@ def read_meta(path: Path) -> dict:
     meta = json.loads(f.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise DataError(f"{f}: cannot read checkpoint metadata ({e})", path=f) from e
+  if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+    raise DataError(f"{f}: field 'model' (the model config) is missing; the checkpoint is incomplete", path=f,
+                    field="model")
   meta["model"] = ml_collections.ConfigDict(meta["model"])
   return meta
 

@@ -161,3 +161,10 @@ def test_a_broken_config_json_is_named(hf_folder, tmp_path, capsys, text, messag
   (hf_folder / "config.json").write_text(text)
   code, err = convert(hf_folder, tmp_path / "ours", capsys)
   assert code == 2 and __import__("re").search(message, err), err
+
+
+def test_a_model_json_without_its_config_is_named(tmp_path, params):
+  model_dir.save(tmp_path / "ours", params, tiny_config())
+  (tmp_path / "ours" / "model.json").write_text(json.dumps(dict(tokenizer=None)))
+  with pytest.raises(DataError, match=r"model.json: field 'model' \(the model config\) is missing"):
+    api.load(tmp_path / "ours", layout=layout())
