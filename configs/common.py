@@ -127,6 +127,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       seq_len=2048,                                  # open
       dropout_rate=0.1,                              # paper; applied on residual branches
       batching="packing",                            # or "bucketing"; either way a step has batch_size examples
+      pack_rows="step",                              # open: rows per packed step: its own need (few shapes,
+                                                     # little padding) or "block": the block's most (one shape)
       truncation="truncate",                         # or "drop": over-long examples
       compute_dtype="float32", param_dtype="float32",
       seed=0,

@@ -22,7 +22,8 @@ def get_config(arg=None):
   config.data = common.data_config(seed_path=str(common.TOY_ASSETS / "seed.jsonl"),
                                    corpus_path=str(common.TOY_ASSETS / "corpus"))
   config.corpus = ml_collections.ConfigDict(corpus.corpus_config())  # data/corpus.py: the keys and defaults
-  config.train = common.train_config(steps=10, small_data_batch_size=4, seq_len=512, checkpoint_every=5, log_every=5)
+  config.train = common.train_config(steps=10, small_data_batch_size=4, seq_len=512, pack_rows="block",
+                                     checkpoint_every=5, log_every=5)
   # The continuous engine (decode slots refilled as rows stop, 64-token prefill chunks, the rubric's
   # and the backward prompt's KV computed once): bench/method_workload.py measures it against static batches.
   config.generate = common.generate_config(max_new_tokens=64, batch_size=8, prompt_buckets=(256, 512, 1024, 2048),

@@ -27,9 +27,10 @@ def get_config(arg=None):
   # Toy-only: the from-scratch base model. The paper starts from a pretrained LLaMA instead.
   config.pretrain = ml_collections.ConfigDict(dict(steps=300, batch_size=16, seq_len=256, learning_rate=3e-3,
                                                    end_learning_rate=3e-4, warmup_steps=20, schedule="cosine"))
-  # The paper's recipe, with a learning rate a from-scratch 1M model can move with and few steps.
+  # The paper's recipe, with a learning rate a from-scratch 1M model can move with and few steps
+  # (so one packed row count per block: a compile per step shape would cost more than the padding).
   config.train = common.train_config(learning_rate=1e-3, end_learning_rate=9e-4, steps=60, seq_len=512,
-                                     small_data_batch_size=8, checkpoint_every=20, log_every=10,
+                                     small_data_batch_size=8, checkpoint_every=20, log_every=10, pack_rows="block",
                                      peak_flops=190e9)
   config.generate = common.generate_config(max_new_tokens=48, batch_size=16, prompt_buckets=(256, 512, 1024, 2048),
                                            shard_size=32)

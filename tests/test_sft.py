@@ -272,3 +272,12 @@ def test_every_step_has_exactly_batch_size_examples_across_epoch_boundaries(batc
   if batching == "packing":  # steps follow the stream; bucketing reorders steps inside blocks of 8
     seen = sorted(e for b in steps for e in examples_in(b))
     assert seen == sorted([(i, len(t)) for i, (t, _) in enumerate(examples)] * 2)  # 60 examples = 2 epochs
+
+
+def test_pack_rows_block_gives_every_step_of_a_block_one_row_count():
+  examples = mixed_examples(n=60)
+  per_step = take(sft.SFTLoader(examples, seq_len=48, batch_size=4, seed=0), 15)
+  per_block = take(sft.SFTLoader(examples, seq_len=48, batch_size=4, seed=0, pack_rows="block"), 15)
+  assert len({b["tokens"].shape for b in per_step}) > 1
+  assert {b["tokens"].shape for b in per_block} == {(max(b["tokens"].shape[0] for b in per_step), 48)}
+  assert [sorted(examples_in(b)) for b in per_block] == [sorted(examples_in(b)) for b in per_step]

@@ -23,6 +23,7 @@ from humpback_jax.tokenizer import render_chat
 
 POLICIES = ("truncate", "drop")
 BATCHINGS = ("packing", "bucketing")
+PACK_ROWS = ("step", "block")  # packed row count: each step's own, or the most any step of the block needs
 
 Example = tuple[np.ndarray, np.ndarray]  # tokens int32 [n], loss_mask bool [n]
 BatchPlan = tuple[int, list[list[int]]]  # (row length, example indices of each of the step's rows)
@@ -119,16 +120,17 @@ def _first_fit_decreasing(indices: Sequence[int], lengths: Sequence[int], seq_le
 
 
 def _plan_packing(steps: Sequence[Sequence[int]], lengths: Sequence[int], seq_len: int,
-                  row_multiple: int = 1) -> list[BatchPlan]:
+                  row_multiple: int = 1, same_rows: bool = False) -> list[BatchPlan]:
   """Each step's examples packed into as many rows of `seq_len` as they need, rounded up to
   `row_multiple` with empty (fully masked) rows: the step trains on exactly its examples."""
   plans = []
   for step in steps:
     for i in step:
       _check_length(int(i), int(lengths[i]), seq_len)
-    rows = _first_fit_decreasing(step, lengths, seq_len)
-    rows += [[] for _ in range(_round_up(max(len(rows), 1), row_multiple) - len(rows))]
-    plans.append((seq_len, rows))
+    plans.append((seq_len, _first_fit_decreasing(step, lengths, seq_len)))
+  most = max((len(rows) for _, rows in plans), default=1)
+  for _, rows in plans:  # `same_rows`: one compiled shape for all the steps, at some padding's cost
+    rows += [[] for _ in range(_round_up(most if same_rows else max(len(rows), 1), row_multiple) - len(rows))]
   return plans
 
 
@@ -216,7 +218,8 @@ class SFTLoader:
   examples form one stream, epoch after epoch, each epoch shuffled with
   `np.random.default_rng([seed, epoch])`; step s takes stream positions [s * B, (s + 1) * B), so an
   epoch is N / B steps. Packing lays a step's examples into the rows they need (rounded up to
-  `row_multiple`, which the data-parallel devices, micro-batches and processes must divide; extra rows
+  `row_multiple`, which the data-parallel devices, micro-batches and processes must divide; with
+  `pack_rows="block"` to the most any step of its block needs, one compiled shape per block; extra rows
   are empty and masked). Bucketing sorts a block of ceil(N / B) steps' examples by length bucket and
   cuts it into steps, one example per row. Every process plans the same steps from the lengths alone
   and builds only its share of the rows; the union over processes is the single-process batch.
@@ -224,11 +227,13 @@ class SFTLoader:
 
   def __init__(self, examples: Sequence[Example], *, seq_len: int, batch_size: int, seed: int,
                batching: str = "packing", process_index: int = 0, process_count: int = 1,
-               buckets: Sequence[int] | None = None, row_multiple: int = 1):
+               buckets: Sequence[int] | None = None, row_multiple: int = 1, pack_rows: str = "step"):
     if not examples:
       raise ValueError("SFTLoader got no examples: every pair was skipped or dropped")
     if batching not in BATCHINGS:
       raise ValueError(f"batching {batching!r} is not one of {', '.join(BATCHINGS)}")
+    if pack_rows not in PACK_ROWS:
+      raise ValueError(f"pack_rows {pack_rows!r} is not one of {', '.join(PACK_ROWS)}")
     if batch_size < 1 or not 0 <= process_index < process_count:
       raise ValueError(f"batch_size {batch_size} must be >= 1 and process_index {process_index} lie in "
                        f"[0, {process_count})")
@@ -237,7 +242,7 @@ class SFTLoader:
     for index, length in enumerate(self._lengths):
       _check_length(index, int(length), seq_len)
     self._seq_len, self._batch_size, self._seed = seq_len, batch_size, seed
-    self._batching, self._buckets = batching, buckets
+    self._batching, self._buckets, self._same_rows = batching, buckets, pack_rows == "block"
     self._row_multiple = math.lcm(max(row_multiple, 1), process_count)
     self._process = (process_index, process_count)
     self._block_steps = -(-len(examples) // batch_size)  # planning unit: about one epoch of steps
@@ -267,7 +272,7 @@ class SFTLoader:
       pool = [int(i) for i in self._stream(first, first + self._block_steps * b)]
       if self._batching == "packing":
         steps = [pool[i:i + b] for i in range(0, len(pool), b)]
-        plans = _plan_packing(steps, self._lengths, self._seq_len, self._row_multiple)
+        plans = _plan_packing(steps, self._lengths, self._seq_len, self._row_multiple, self._same_rows)
       else:
         plans = _plan_bucketing(pool, self._lengths, self._seq_len, b, self._buckets, self._row_multiple)
         shuffle = np.random.default_rng([self._seed, block, 1]).permutation(len(plans))

@@ -62,7 +62,7 @@ def run(cfg, layout, tokenizer, examples, *, init_params: Callable[[], dict], wo
     train_cfg.micro_batches = min(train_cfg.micro_batches, batch_size)
   loader = sft.SFTLoader(examples, seq_len=t.seq_len, batch_size=batch_size, batching=t.batching,
                          seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-                         row_multiple=train_cfg.micro_batches * batch_ways(layout))
+                         row_multiple=train_cfg.micro_batches * batch_ways(layout), pack_rows=t.pack_rows)
   result = train_loop.run(cfg.model, train_cfg, layout, loader, init_params, workdir,
                           total_steps=steps, seq_len=t.seq_len, progress=progress)
   model_dir.save(Path(workdir) / "model", result["params"], cfg.model, tokenizer_file=tokenizer_file,
