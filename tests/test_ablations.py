@@ -3,6 +3,7 @@ continuing from M_{t-1}, and the uncurated control (seed + all of A)."""
 import json
 
 import pytest
+from helpers import finished_augment
 
 from humpback_jax import configlib
 from humpback_jax.errors import ConfigError
@@ -83,7 +84,7 @@ def test_continuing_m1_initialises_from_m0s_weights(tmp_path, monkeypatch):
 def test_uncurated_control_keeps_all_of_a_without_judging(tmp_path, monkeypatch):
   monkeypatch.setattr(pipeline.Run, "_judge", lambda *a: pytest.fail("the uncurated control ran the judge"))
   candidates = [artifacts.Candidate(id=f"c{i}", instruction=f"q{i}", output=f"a{i}") for i in range(5)]
-  finished(tmp_path, "augment", {artifacts.CANDIDATES: candidates})
+  finished_augment(tmp_path, candidates)
   (tmp_path / "curate_m0").mkdir()
   counts = pipeline.Run(config("curation_mode=none"), tmp_path, None, progress=False)._curate("curate_m0")
   curated = [json.loads(l) for l in (tmp_path / "curate_m0" / "curated.jsonl").read_text().splitlines()]

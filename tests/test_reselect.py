@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import finished_augment
 
 from humpback_jax import configlib
 from humpback_jax.cli import build_parser
@@ -33,13 +34,15 @@ def finished_run(work: Path, cfg):
   scored = [artifacts.Score(id=i, score=s, expected_score=s - 0.4) for i, s in zip(IDS, SCORES)]
   kept, k = selection.select(candidates, scored, selection.of(cfg))
   curated = [artifacts.CuratedPair(id=c.id, instruction=c.instruction, output=c.output) for c in kept]
-  outputs = {"prepare_seed": {artifacts.SEED: []}, "augment": {artifacts.CANDIDATES: candidates},
-             "curate_m0": {artifacts.SCORES: scored, artifacts.CURATED: curated}}
+  outputs = {"prepare_seed": {artifacts.SEED: []}, "curate_m0": {artifacts.SCORES: scored, artifacts.CURATED: curated}}
   (work / "train_m1" / "checkpoints").mkdir(parents=True)
   (work / "train_m1" / "checkpoints" / "old").write_text("M_1 trained on the old curated set")
   names = pipeline.stage_names(cfg)
+  finished_augment(work, candidates, run.hash)
   for name in names:
     (work / name).mkdir(parents=True, exist_ok=True)
+    if name == "augment":  # written above, with the dataset curation reads
+      continue
     digests = {f: artifacts.write_records(work / name / f, rows) for f, rows in outputs.get(name, {}).items()}
     after_curation = names.index(name) >= names.index("curate_m0")
     counts = dict(mode=cfg.pipeline.curation_mode, threshold_used=k) if name == "curate_m0" else {}
