@@ -21,8 +21,3 @@ def sampling(cfg, offset_seed: int = 0) -> generate.SamplingParams:
   return generate.SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                  max_new_tokens=g.max_new_tokens, seed=g.seed + offset_seed)
 
-
-def counts(stats: generate.EngineStats) -> dict:
-  """The engine counters a summary reports: prompts cut or skipped, speed, compiles, padding."""
-  return dict(truncated=stats.truncated, skipped_too_long=stats.skipped_too_long, skipped_empty=stats.skipped_empty,
-              tokens_per_s=stats.tokens_per_second, compiles=stats.compiles, padding_share=stats.padding_share)
