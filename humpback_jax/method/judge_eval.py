@@ -18,7 +18,7 @@ import numpy as np
 from humpback_jax import generate
 from humpback_jax.data.jsonl import read_jsonl
 from humpback_jax.errors import DataError
-from humpback_jax.method import curate
+from humpback_jax.method import curate, engines
 from humpback_jax.method.artifacts import Candidate, Score
 
 MODES = ("generate", "expected")
@@ -65,9 +65,15 @@ def judge_settings(chat_template: str, max_new_tokens: int) -> ml_collections.Co
 
 
 def run(model, cfg, rows: list[dict], modes, *, batch_size: int = 16) -> tuple[dict, list[dict]]:
-  """(report with seconds per mode, per-pair records with each mode's value and judge text)."""
-  engine = generate.Engine(model.cfg, model.params, model.layout, batch_size=batch_size,
-                           prompt_buckets=PROMPT_BUCKETS, too_long="skip")
+  """(report with seconds per mode, per-pair records with each mode's value and judge text).
+
+  A run config with a `generate` section judges on the engine its curation stage uses (scheduler,
+  buckets, batch, prefix reuse); otherwise a static engine with `batch_size` rows."""
+  if "prompt_buckets" in cfg.generate:
+    engine = engines.engine(cfg, model.cfg, model.params, model.layout)
+  else:
+    engine = generate.Engine(model.cfg, model.params, model.layout, batch_size=batch_size,
+                             prompt_buckets=PROMPT_BUCKETS, too_long="skip")
   records, seconds = {}, {}
   for mode in modes:
     start = time.perf_counter()
