@@ -73,7 +73,8 @@ class DoesNotFit(Exception):
   def __init__(self, name: str, message: str):
     super().__init__(message)
     self.name = name
-    found = re.search(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", message)
+    found = (re.search(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", message)
+             or re.search(r"\(([\d.]+)([KMGT])?\) exceeds available HBM \(([\d.]+)([KMGT])?\)", message))
     scale = dict(K=2**10, M=2**20, G=2**30, T=2**40)
     self.used = self.limit = None
     if found:

@@ -49,27 +49,16 @@ def cmd_convert(args, overrides):
   if args.to == "hf":
     hf.save(Path(args.dst), params, cfg)
   else:
-    tok_file = _tokenizer_file(Path(args.src), tok)
+    tok_file = model_dir.tokenizer_file_of(Path(args.src))
     model_dir.save(Path(args.dst), params, cfg, tokenizer_file=tok_file, chat_template=template)
   print(f"wrote {args.dst}")
-
-
-def _tokenizer_file(src: Path, tok):
-  if src.is_file() and src.suffix == ".gguf":
-    return src
-  for name in ("tokenizer.model", "tokenizer.json"):
-    if (src / name).exists():
-      return src / name
-  if (src / "model.json").exists():
-    from humpback_jax.checkpoints import model_dir
-    return model_dir.tokenizer_path(src, model_dir.read_meta(src))
-  return None
 
 
 def cmd_train(args, overrides):
   from humpback_jax import api, tokenizer as tokenizer_lib
   from humpback_jax.data import seed
   from humpback_jax.method import finetune
+  from humpback_jax.checkpoints import model_dir
   from humpback_jax.model import build
   cfg = _config(args, overrides)
   layout = _layout(cfg)
@@ -87,7 +76,7 @@ def cmd_train(args, overrides):
   else:
     init = lambda: build.init_params(cfg.model, layout, seed=cfg.train.seed)
   summary = finetune.run(cfg, layout, tok, examples, init_params=init, workdir=Path(args.workdir),
-                         steps=steps, batch_size=batch, tokenizer_file=tok_path)
+                         steps=steps, batch_size=batch, tokenizer_file=model_dir.tokenizer_file_of(tok_path))
   summary.update(read=counts, tokenize=stats.as_dict())
   print(json.dumps(summary, indent=2, default=str))
 

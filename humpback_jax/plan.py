@@ -131,8 +131,8 @@ def _activation_bytes(m, local_batch: float, seq: int, itemsize: int, tensor: in
   probs = m.num_heads / tensor * seq if m.get("backend", "auto") in ("xla", "cpu_kernels") else 0
   per_layer = tokens * ((10 * m.dim + 3 * m.mlp_dim / tensor) * itemsize + probs * 4)
   logits = 2 * tokens * m.vocab_size / tensor * 4
-  if m.remat_policy == "none":
-    return m.num_layers * per_layer + logits
+  if m.remat_policy == "none":  # scanned layers stack every residual: ~1.5x (LLaMA-7B on v5p, bench/RESULTS.md)
+    return m.num_layers * per_layer * (1.5 if m.get("scan_layers", False) else 1.0) + logits
   return m.num_layers * tokens * m.dim * itemsize + per_layer + logits
 
 

@@ -78,6 +78,20 @@ def tokenizer_path(path: Path, meta: dict) -> Path | None:
   return file
 
 
+def tokenizer_file_of(src: Path) -> Path | None:
+  """The tokenizer file of any checkpoint: a GGUF file itself, a Hugging Face folder's
+  tokenizer.model / tokenizer.json, our folder's (model.json), or a tokenizer file given directly."""
+  src = Path(src)
+  if src.is_file():
+    return src
+  for name in ("tokenizer.model", "tokenizer.json"):
+    if (src / name).exists():
+      return src / name
+  if (src / MODEL_JSON).exists():
+    return tokenizer_path(src, read_meta(src))
+  return None
+
+
 def check_params(path: Path, model_cfg) -> None:
   """Every saved tensor's name and shape against model.json's config (from orbax's metadata, no restore)."""
   from humpback_jax.checkpoints import hf, weights_check

@@ -160,7 +160,8 @@ class Run:
     init = lambda: build.init_params(self.cfg.model, self.layout, seed=self.cfg.train.seed)
     summary = finetune.run(cfg, self.layout, self.tokenizer, examples, init_params=init,
                            workdir=self.dir(name), steps=p.steps, batch_size=p.batch_size,
-                           tokenizer_file=self.tokenizer_path, progress=self.progress)
+                           tokenizer_file=model_dir.tokenizer_file_of(self.tokenizer_path),
+                           progress=self.progress)
     self._note_model(name)
     return summary
 
@@ -184,7 +185,8 @@ class Run:
     steps, batch = finetune.steps_and_batch(self.cfg.train, len(examples))
     summary = finetune.run(self.cfg, self.layout, self.tokenizer, examples, init_params=init_params,
                            workdir=self.dir(name), steps=steps, batch_size=batch,
-                           tokenizer_file=self.tokenizer_path, progress=self.progress)
+                           tokenizer_file=model_dir.tokenizer_file_of(self.tokenizer_path),
+                           progress=self.progress)
     self._note_model(name)
     return dict(pairs=len(pairs), tokenize=stats.as_dict(), **summary)
 
