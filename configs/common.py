@@ -22,14 +22,16 @@ CHATML = tokenizer.CHATML  # SmolLM2's: its template adds a default system turn
 TOY_ASSETS = resources.files("humpback_jax") / "assets" / "toy"
 
 
+# Paper-size (accelerator) presets scan their layers: one layer compiled, not 32-80. The small CPU
+# presets (toy, bench20m, smollm2_135m) keep the layer list, where the CPU kernels' decode path applies.
 def _llama1(dim, layers, heads, mlp):
   return dict(vocab_size=32000, dim=dim, num_layers=layers, num_heads=heads, num_kv_heads=heads,
-              mlp_dim=mlp, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048)
+              mlp_dim=mlp, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048, scan_layers=True)
 
 
 def _llama2(dim, layers, heads, kv, mlp):
   return dict(vocab_size=32000, dim=dim, num_layers=layers, num_heads=heads, num_kv_heads=kv,
-              mlp_dim=mlp, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096)
+              mlp_dim=mlp, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096, scan_layers=True)
 
 
 MODELS = {
@@ -47,9 +49,9 @@ MODELS = {
     "llama2_13b": _llama2(5120, 40, 40, 40, 13824),
     "llama2_70b": _llama2(8192, 80, 64, 8, 28672),
     "llama3_8b": dict(vocab_size=128256, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                      mlp_dim=14336, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192),
+                      mlp_dim=14336, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192, scan_layers=True),
     "llama3.1_8b": dict(vocab_size=128256, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                        mlp_dim=14336, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072,
+                        mlp_dim=14336, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, scan_layers=True,
                         rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                           original_max_position_embeddings=8192)),
     "smollm2_135m": dict(vocab_size=49152, dim=576, num_layers=30, num_heads=9, num_kv_heads=3,

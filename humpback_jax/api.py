@@ -41,21 +41,26 @@ def default_layout() -> sharding.Layout:
   return sharding.Layout(sharding.make_mesh(mesh_cfg))
 
 
-def load_weights(path: Path, layout: sharding.Layout, *, fmt: str = "auto", dtype: str | None = None):
-  """(model config, params placed on `layout`, tokenizer or None, chat template) from any format."""
+def load_weights(path: Path, layout: sharding.Layout, *, fmt: str = "auto", dtype: str | None = None,
+                 scan_layers: bool | None = None):
+  """(model config, params placed on `layout`, tokenizer or None, chat template) from any format.
+
+  `scan_layers` picks the layer form of the params (stacked or a list); None keeps our checkpoint's
+  own form, and the list form for HF and GGUF.
+  """
   path = Path(path)
   fmt = detect_format(path) if fmt == "auto" else fmt
   if fmt == "ours":
     meta = model_dir.read_meta(path)
     cfg = meta["model"]
-    _set_dtype(cfg, dtype)
+    _set_options(cfg, dtype, scan_layers)
     params = model_dir.restore_params(path, cfg, layout)
     tok_file = model_dir.tokenizer_path(path, meta)
     tok = tokenizer_lib.load_tokenizer(tok_file) if tok_file else None
     return cfg, params, tok, meta.get("chat_template") or tokenizer_lib.LLAMA2_INST
   if fmt == "hf":
     cfg = hf.read_config(path)
-    _set_dtype(cfg, dtype)
+    _set_options(cfg, dtype, scan_layers)
     params = hf.load_params(path, cfg, layout)
     has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
     tok = tokenizer_lib.load_tokenizer(path) if has_tok else None
@@ -63,15 +68,17 @@ def load_weights(path: Path, layout: sharding.Layout, *, fmt: str = "auto", dtyp
   if fmt == "gguf":
     from humpback_jax.checkpoints import gguf
     cfg = gguf.read_config(path)
-    _set_dtype(cfg, dtype)
+    _set_options(cfg, dtype, scan_layers)
     params = gguf.load_params(path, cfg, layout)
     return cfg, params, tokenizer_lib.load_tokenizer(path), tokenizer_lib.CHATML
   raise DataError(f"{path}: unknown format {fmt!r} (expected ours, hf or gguf)", path=path)
 
 
-def _set_dtype(cfg, dtype):
+def _set_options(cfg, dtype, scan_layers=None):
   if dtype:
     cfg.dtype = dtype
+  if scan_layers is not None:
+    cfg.scan_layers = bool(scan_layers)
 
 
 @dataclasses.dataclass
@@ -132,8 +139,9 @@ def _logits_fn(cfg: ml_collections.FrozenConfigDict, layout: sharding.Layout):
   return jax.jit(lambda p, t: build.forward(cfg, p, t, layout=layout)[0])
 
 
-def load(path, *, layout: sharding.Layout | None = None, fmt: str = "auto", dtype: str | None = None) -> Model:
+def load(path, *, layout: sharding.Layout | None = None, fmt: str = "auto", dtype: str | None = None,
+         scan_layers: bool | None = None) -> Model:
   """Loads our checkpoint, a Hugging Face folder or a GGUF file into a `Model` handle."""
   layout = layout or default_layout()
-  cfg, params, tok, template = load_weights(Path(path), layout, fmt=fmt, dtype=dtype)
+  cfg, params, tok, template = load_weights(Path(path), layout, fmt=fmt, dtype=dtype, scan_layers=scan_layers)
   return Model(cfg=cfg, params=params, tokenizer=tok, chat_template=template, layout=layout)

@@ -1,6 +1,6 @@
 """`humpback <command>`: thin wrappers over the modules; all work happens in the library.
 
-  humpback convert SRC DST [--from hf|gguf|ours] [--to ours|hf]
+  humpback convert SRC DST [--from hf|gguf|ours] [--to ours|hf] [--scan-layers|--no-scan-layers]
   humpback train --config=configs/toy.py --workdir=runs/m0 [--data=pairs.jsonl] [--config.train.steps=10]
   humpback generate --config=... --checkpoint=DIR --input=IN.jsonl --output=OUT_DIR
   humpback pipeline --config=configs/toy.py --workdir=runs/toy [--from=STAGE] [--until=STAGE]
@@ -45,7 +45,8 @@ def cmd_convert(args, overrides):
   from humpback_jax import api
   from humpback_jax.checkpoints import hf, model_dir
   layout = api.default_layout()
-  cfg, params, tok, template = api.load_weights(Path(args.src), layout, fmt=getattr(args, "from"))
+  cfg, params, tok, template = api.load_weights(Path(args.src), layout, fmt=getattr(args, "from"),
+                                                scan_layers=args.scan_layers)
   if args.to == "hf":
     hf.save(Path(args.dst), params, cfg)
   else:
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("dst")
   c.add_argument("--from", default="auto", choices=["auto", "hf", "gguf", "ours"])
   c.add_argument("--to", default="ours", choices=["ours", "hf"])
+  c.add_argument("--scan-layers", dest="scan_layers", action=argparse.BooleanOptionalAction, default=None,
+                 help="store our checkpoint's layers stacked (model.scan_layers) or as a list; default: as the source")
   t = add("train", help="fine-tune on instruction pairs")
   t.add_argument("--config", required=True)
   t.add_argument("--workdir", required=True)

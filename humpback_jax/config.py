@@ -38,6 +38,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
       dropout_rate=0.0,       # applied after attention and MLP outputs, training only
       remat_policy="none",
       backend="auto",         # kernels (model/ops.py): auto = by the mesh's platform
+      # Stacked layer params [layers, ...] run by jax.lax.scan: one layer compiled, not num_layers.
+      scan_layers=False,
   ))
   for key, value in overrides.items():
     if key not in cfg:

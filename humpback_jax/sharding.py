@@ -31,6 +31,7 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
     ("norm", None),
     ("cache_length", None),
+    ("layers", None),  # the stacked-layer axis of `scan_layers`: each device keeps every layer's share
 )
 
 

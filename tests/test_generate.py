@@ -90,6 +90,17 @@ def test_sharded_generation_equals_unsharded(folder, cfg, prompts, greedy, shape
   assert sharded.generate_ids(prompts, GREEDY, max_new_tokens=NEW) == greedy
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 4, 2)], ids=["single", "fsdp_x_tensor"])
+def test_scanned_layers_decode_and_score_as_the_layer_list(folder, cfg, engine, prompts, greedy, shape):
+  """With `scan_layers` the cache is one stacked buffer carried through the scan over the layers."""
+  scanned_cfg = cfg.copy_and_resolve_references()
+  scanned_cfg.scan_layers = True
+  scanned = make_engine(folder, scanned_cfg, shape, batch_size=4 * shape[1])
+  assert scanned.generate_ids(prompts, GREEDY, max_new_tokens=NEW) == greedy
+  conts = [p[:3] for p in prompts]
+  np.testing.assert_allclose(scanned.loglikelihood(prompts, conts), engine.loglikelihood(prompts, conts), rtol=1e-5)
+
+
 def test_sampling_with_a_seed_is_reproducible(engine, prompts):
   first = engine.generate_ids(prompts, SAMPLED, max_new_tokens=NEW)
   assert engine.generate_ids(prompts, SAMPLED, max_new_tokens=NEW) == first

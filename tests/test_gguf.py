@@ -100,6 +100,20 @@ def test_logits_match_transformers_on_chat_prompt(logits):
   assert got[2, -1].argmax() == want[2, -1].argmax()
 
 
+def test_scanned_import_gives_the_same_logits(gguf_path, reader, ours):
+  """Imported straight into the stacked form (`scan_layers`), one dequantised layer at a time."""
+  cfg, params = ours
+  scanned_cfg = cfg.copy_and_resolve_references()
+  scanned_cfg.scan_layers = True
+  layout = sharding.Layout(sharding.make_mesh(ml_collections.ConfigDict(dict(axes=sharding.MESH_AXES,
+                                                                             shape=(1, 1, 1))), jax.devices()[:1]))
+  stacked = gguf_ckpt.load_params(gguf_path, scanned_cfg, layout, reader=reader)
+  np.testing.assert_array_equal(stacked["layers"]["attn"]["q"][29], params["layers"][29]["attn"]["q"])
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
+  forward = lambda c: jax.jit(lambda p, t: build.forward(c, p, t)[0])
+  np.testing.assert_allclose(forward(scanned_cfg)(stacked, tokens), forward(cfg)(params, tokens), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("n_head", [1, 3, 9])
 def test_unpermute_inverts_llama_cpp_permutation(n_head):
   w = np.arange(n_head * 8 * 5, dtype=np.float32).reshape(n_head * 8, 5)

@@ -18,11 +18,21 @@ def tokens():
   return np.random.RandomState(0).randint(0, 101, size=(3, 40)).astype(np.int32)
 
 
+def read_config(folder, scan):
+  cfg = hf.read_config(folder)
+  cfg.scan_layers = scan
+  return cfg
+
+
+SCAN = pytest.mark.parametrize("scan", [False, True], ids=["layer_list", "scan_layers"])
+
+
+@SCAN
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_logits_match_transformers(variant, tokens, tmp_path):
+def test_logits_match_transformers(variant, scan, tokens, tmp_path):
   model = make_hf_model(variant)
   save_hf_model(model, tmp_path)
-  cfg = hf.read_config(tmp_path)
+  cfg = read_config(tmp_path, scan)
   params = hf.load_params(tmp_path, cfg, layout())
   diff = np.abs(forward_logits(cfg, params, tokens) - hf_logits(model, tokens)).max()
   assert diff <= 1e-4, f"{variant}: max |logit diff| {diff}"
@@ -45,15 +55,17 @@ def test_config_json_is_read_faithfully(tmp_path):
   assert cfg.rope_scaling.original_max_position_embeddings == 32
 
 
+@SCAN
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_sharded_logits_equal_unsharded(name, tokens, tmp_path):
+def test_sharded_logits_equal_unsharded(name, scan, tokens, tmp_path):
   model = make_hf_model("gqa", num_attention_heads=8, num_key_value_heads=4)
   save_hf_model(model, tmp_path)
-  cfg = hf.read_config(tmp_path)
+  cfg = read_config(tmp_path, scan)
   single = forward_logits(cfg, hf.load_params(tmp_path, cfg, layout()), tokens)
   lay = layout(LAYOUTS[name])
   params = hf.load_params(tmp_path, cfg, lay)
-  assert len(params["layers"][0]["mlp"]["up"].sharding.device_set) == 8
+  up = params["layers"]["mlp"]["up"] if scan else params["layers"][0]["mlp"]["up"]
+  assert len(up.sharding.device_set) == 8
   tokens8 = np.resize(tokens, (8, 40))
   sharded = forward_logits(cfg, params, tokens8, lay)
   unsharded = forward_logits(cfg, hf.load_params(tmp_path, cfg, layout()), tokens8)
@@ -61,10 +73,11 @@ def test_sharded_logits_equal_unsharded(name, tokens, tmp_path):
   assert np.abs(unsharded[:3] - single).max() <= 1e-5
 
 
+@SCAN
 @pytest.mark.parametrize("variant", ["gqa", "tied"])
-def test_hf_round_trip_is_bit_exact(variant, tmp_path):
+def test_hf_round_trip_is_bit_exact(variant, scan, tmp_path):
   save_hf_model(make_hf_model(variant), tmp_path / "in")
-  cfg = hf.read_config(tmp_path / "in")
+  cfg = read_config(tmp_path / "in", scan)
   params = hf.load_params(tmp_path / "in", cfg, layout(LAYOUTS["fsdp_tensor"]))
   hf.save(tmp_path / "out", params, cfg)
   before = hf.open_hf_tensors(tmp_path / "in")
@@ -97,13 +110,14 @@ def test_exported_folder_loads_in_transformers(tmp_path, tokens):
   assert np.abs(hf_logits(again, tokens) - hf_logits(model, tokens)).max() == 0.0
 
 
-def test_missing_tensor_is_named(tmp_path):
+@SCAN
+def test_missing_tensor_is_named(scan, tmp_path):
   save_hf_model(make_hf_model("gqa"), tmp_path)
   f = tmp_path / "model.safetensors"
   tensors = {k: np.array(v) for k, v in safetensors_io.open_tensors(f).items()
              if k != "model.layers.1.mlp.up_proj.weight"}
   safetensors_io.write(f, tensors)
-  cfg = hf.read_config(tmp_path)
+  cfg = read_config(tmp_path, scan)
   with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight"):
     hf.load_params(tmp_path, cfg, layout())
 

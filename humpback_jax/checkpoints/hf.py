@@ -18,7 +18,7 @@ from humpback_jax import sharding
 from humpback_jax.checkpoints import safetensors_io, weights_check
 from humpback_jax.config import from_hf_config, head_dim, to_hf_config
 from humpback_jax.errors import DataError
-from humpback_jax.model import build
+from humpback_jax.model import build, stacking
 
 # (our path pattern, HF name pattern). `{i}` is the layer index.
 NAME_TABLE = (
@@ -92,6 +92,16 @@ def flatten(tree, prefix="") -> dict[str, object]:
   return out
 
 
+def per_layer_items(params):
+  """(per-layer path, array) for every tensor, stacked parameters sliced one layer at a time on device."""
+  for path, leaf in flatten(params).items():
+    if path.startswith("layers/") and stacking.is_stacked(params):
+      rest = path.removeprefix("layers/")
+      yield from ((f"layers/{i}/{rest}", leaf[i]) for i in range(leaf.shape[0]))
+    else:
+      yield path, leaf
+
+
 def unflatten(flat: dict[str, object]) -> dict:
   """{'layers/0/attn/q': leaf} -> nested dict (layer indices become ints, as NNX uses)."""
   out: dict = {}
@@ -162,22 +172,38 @@ def load_params(folder: Path, cfg, layout: sharding.Layout, dtype=None):
 
 
 def place(get_hf_tensor: Callable[[str], np.ndarray | None], cfg, layout, dtype=None, source=""):
-  """Builds every parameter from `get_hf_tensor(our_path)` (HF layout) straight into its sharding."""
+  """Builds every parameter from `get_hf_tensor(our_path)` (HF layout) straight into its sharding.
+
+  `our_path` is always a per-layer path (`layers/3/attn/q`); a stacked parameter (scan_layers) is
+  filled one layer at a time, each layer placed onto its share of the stack's sharding.
+  """
   shardings = flatten(build.param_shardings(cfg, layout))
   abstract = flatten(build.abstract_params(cfg))
   out = {}
   for path, spec in abstract.items():
-    w = get_hf_tensor(path)
-    if w is None:
-      raise DataError(f"{source}: tensor {hf_name(path)!r} (for {path}) is missing", path=source, field=hf_name(path))
-    w = to_ours(path, w, cfg)
-    if tuple(w.shape) != tuple(spec.shape):
-      raise DataError(f"{source}: tensor {hf_name(path)!r} has shape {w.shape} after conversion, "
-                      f"expected {spec.shape}", path=source, field=hf_name(path))
     target = np.dtype(dtype or spec.dtype)
-    view = w if w.dtype == target else _LazyCast(w, target)
-    out[path] = sharding.put_array(view, shardings[path])
+    members = stacking.layer_paths(path, cfg)
+    if members is None:
+      out[path] = sharding.put_array(_host_view(get_hf_tensor, path, spec.shape, target, cfg, source),
+                                     shardings[path])
+      continue
+    per_layer = stacking.layer_sharding(shardings[path])
+    get_layer = lambda i: sharding.put_array(
+        _host_view(get_hf_tensor, members[i], spec.shape[1:], target, cfg, source), per_layer)
+    out[path] = stacking.stack_onto(get_layer, len(members), spec.shape, target, shardings[path])
   return unflatten(out)
+
+
+def _host_view(get_hf_tensor, path, shape, dtype, cfg, source):
+  """One tensor in our layout and `dtype` (cast lazily, slice by slice), checked against `shape`."""
+  w = get_hf_tensor(path)
+  if w is None:
+    raise DataError(f"{source}: tensor {hf_name(path)!r} (for {path}) is missing", path=source, field=hf_name(path))
+  w = to_ours(path, w, cfg)
+  if tuple(w.shape) != tuple(shape):
+    raise DataError(f"{source}: tensor {hf_name(path)!r} has shape {w.shape} after conversion, "
+                    f"expected {tuple(shape)}", path=source, field=hf_name(path))
+  return w if w.dtype == dtype else _LazyCast(w, dtype)
 
 
 class _LazyCast:
@@ -199,7 +225,7 @@ def save(folder: Path, params, cfg, dtype=None, max_shard_bytes: int = 5 * 2**30
     hf_cfg["torch_dtype"] = str(np.dtype(dtype))
   (folder / "config.json").write_text(json.dumps(hf_cfg, indent=2))
   shards, current, size = [], {}, 0
-  for path, leaf in flatten(params).items():
+  for path, leaf in per_layer_items(params):
     w = to_hf(path, np.asarray(jax.device_get(leaf)))
     if dtype is not None:
       w = w.astype(dtype)

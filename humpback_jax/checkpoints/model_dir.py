@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from humpback_jax import sharding
 from humpback_jax.errors import DataError
-from humpback_jax.model import build
+from humpback_jax.config import model_config
+from humpback_jax.model import build, stacking
 
 MODEL_JSON = "model.json"
 
@@ -61,7 +61,7 @@ def read_meta(path: Path) -> dict:
   if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
     raise DataError(f"{f}: field 'model' (the model config) is missing; the checkpoint is incomplete", path=f,
                     field="model")
-  meta["model"] = ml_collections.ConfigDict(meta["model"])
+  meta["model"] = model_config(**meta["model"])  # fields added since it was written take their defaults
   return meta
 
 
@@ -115,9 +115,12 @@ def _as_dict(tree):
 
 def restore_params(path: Path, model_cfg, layout: sharding.Layout):
   """Restores params straight into the shardings of `layout` (any mesh, not only the saving one),
-  after checking every saved tensor against the config."""
-  check_params(path, model_cfg)
-  shardings = build.param_shardings(model_cfg, layout)
+  in the layer form `model_cfg.scan_layers` asks for whichever form the checkpoint stores, after
+  checking every saved tensor against the config."""
+  saved_cfg = model_config(**{**model_cfg.to_dict(), "scan_layers": read_meta(path)["model"].scan_layers})
+  check_params(path, saved_cfg)
+  shardings = build.param_shardings(saved_cfg, layout)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          build.abstract_params(model_cfg), shardings)
-  return ocp.StandardCheckpointer().restore(Path(path).absolute() / "params", abstract)
+                          build.abstract_params(saved_cfg), shardings)
+  params = ocp.StandardCheckpointer().restore(Path(path).absolute() / "params", abstract)
+  return stacking.to_form(params, model_cfg, build.param_shardings(model_cfg, layout))

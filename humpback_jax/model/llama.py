@@ -4,8 +4,9 @@ attention, SwiGLU, tied or untied head, dropout, rematerialisation and a static 
 Why NNX: it is Flax's recommended API, modules are plain Python objects whose parameters carry
 their own metadata (here: logical sharding axes), and `nnx.split` gives the (graphdef, state)
 pair that every jitted function of ours takes, so training and generation stay pure functions
-over a parameter pytree. Layers are a Python list (one HF layer = one module), which keeps the
-weight mapping to Hugging Face one-to-one.
+over a parameter pytree. Layers are a Python list (one HF layer = one module) or, with
+`scan_layers`, one Block whose parameters carry a leading `layers` axis, run by `jax.lax.scan`: an
+80-layer model then traces and compiles one layer, not 80 (checkpoints/ map both forms to HF).
 """
 from __future__ import annotations
 
@@ -96,18 +97,20 @@ class Attention(nnx.Module):
     self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
     self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd)
 
-  def __call__(self, x, cos, sin, mask, kv=None, index=None, constrain=_noconstraint, backend=ops.XLA):
+  def __call__(self, x, cos, sin, mask, kv=None, index=None, constrain=_noconstraint, backend=ops.XLA,
+               layer=None):
+    """`kv` is this layer's (k, v) cache, or with `layer` (scanned) every layer's stacked cache."""
     dt = x.dtype
     qkv = ops.dense(x, self._qkv_weight(), backend)  # one GEMM: [b, t, kv_heads, group + 2, head_dim]
-    if kv is not None and ops.fuses_decode_step(qkv, *kv, backend):  # rotary, cache write, attention
+    if kv is not None and layer is None and ops.fuses_decode_step(qkv, *kv, backend):  # rotary, cache write, attention
       out, *kv = ops.decode_attention_step(qkv, cos, sin, *kv, index, mask)
       return ops.dense(out, self.o[...], backend, in_dims=2), tuple(kv)
     q, k, v = _split_qkv(qkv)
     q = constrain(rotary(q.reshape(*x.shape[:-1], -1, q.shape[-1]), cos, sin), ("batch", "length", "heads", "head_dim"))
     k = constrain(rotary(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
     if kv is not None:  # decoding: append to the cache, attend over all of it
-      kv = kv_cache.write(kv[0], kv[1], k, v, index)
-      k, v = kv[0].astype(dt), kv[1].astype(dt)
+      kv = kv_cache.write(kv[0], kv[1], k, v, index, layer)
+      k, v = (kv_cache.layer_of(buf, layer).astype(dt) for buf in kv)
     if kv is not None and q.shape[1] == 1:
       out = ops.decode_attention(q, k, v, mask, backend)
     else:
@@ -179,12 +182,24 @@ class Block(nnx.Module):
     self.dropout_rate = cfg.dropout_rate
 
   def __call__(self, x, cos, sin, mask, kv=None, index=None, dropout_rng=None, constrain=_noconstraint,
-               backend=ops.XLA):
+               backend=ops.XLA, layer=None):
     rngs = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-    h, kv = self.attn(self.attn_norm(x, backend), cos, sin, mask, kv, index, constrain, backend)
+    h, kv = self.attn(self.attn_norm(x, backend), cos, sin, mask, kv, index, constrain, backend, layer)
     x = x + _dropout(h, self.dropout_rate, rngs[0])
     x = x + _dropout(self.mlp(self.mlp_norm(x, backend), constrain, backend), self.dropout_rate, rngs[1])
     return constrain(x, ("batch", "length", "embed")), kv
+
+
+def stacked_blocks(cfg, rngs) -> Block:
+  """One Block whose every parameter has a leading `layers` axis [num_layers, ...]: the list of
+  Blocks stacked, so a seed gives the same weights in either layer form."""
+  blocks = [Block(cfg, rngs) for _ in range(cfg.num_layers)]
+  graphdef, _ = nnx.split(blocks[0])
+  stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.state(b) for b in blocks))
+  for _, var in nnx.iter_graph(stacked):
+    if isinstance(var, nnx.Param):  # the sharding rules leave `layers` unsharded
+      var.set_metadata(axes=("layers", *var.get_metadata()["axes"]))
+  return nnx.merge(graphdef, stacked)
 
 
 class Llama(nnx.Module):
@@ -194,7 +209,9 @@ class Llama(nnx.Module):
     pd = jnp.dtype(cfg.param_dtype)
     self.cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     self.embed = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), pd)
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.scan_layers = bool(cfg.scan_layers)
+    self.layers = (stacked_blocks(cfg, rngs) if self.scan_layers
+                   else nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)]))
     self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, pd)
     self.lm_head = None if cfg.tie_embeddings else _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), pd)
     self.inv_freq = tuple(float(f) for f in rope_frequencies(cfg))  # static, not a parameter
@@ -228,6 +245,22 @@ class Llama(nnx.Module):
       kv_pos = kv_cache.write_positions(cache, positions_bt)
       mask = attention.Mask(attention.attention_mask(positions_bt, jnp.ones_like(positions_bt), kv_pos,
                                                      (kv_pos >= 0).astype(jnp.int32)))
+    run = self._scan_blocks if self.scan_layers else self._loop_blocks
+    x, kv = run(x, cos, sin, mask, cache, dropout_rng, constrain, backend)
+    x = self.final_norm(x, backend)
+    if cache is not None:
+      cache = kv_cache.KVCache(k=kv[0], v=kv[1], positions=kv_pos, index=cache.index + t)
+    if hidden_only:
+      return x, cache
+    logits = ops.dense(x, self.head_weight(), backend, out_dtype=jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab")), cache
+
+  def head_weight(self):
+    """The output projection [dim, vocab]: the embedding's transpose when tied."""
+    return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+  def _loop_blocks(self, x, cos, sin, mask, cache, dropout_rng, constrain, backend):
+    """The layers one after another (a Python loop: each layer traced on its own)."""
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
@@ -237,17 +270,29 @@ class Llama(nnx.Module):
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
-    x = self.final_norm(x, backend)
-    if cache is not None:
-      cache = kv_cache.KVCache(k=tuple(new_k), v=tuple(new_v), positions=kv_pos, index=cache.index + t)
-    if hidden_only:
-      return x, cache
-    logits = ops.dense(x, self.head_weight(), backend, out_dtype=jnp.float32)
-    return constrain(logits, ("batch", "length", "vocab")), cache
+    return x, (None if cache is None else (tuple(new_k), tuple(new_v)))
 
-  def head_weight(self):
-    """The output projection [dim, vocab]: the embedding's transpose when tied."""
-    return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+  def _scan_blocks(self, x, cos, sin, mask, cache, dropout_rng, constrain, backend):
+    """The stacked layers under `jax.lax.scan`: one layer traced, its parameters sliced per step.
+
+    The stacked cache rides in the carry, so each layer writes only its new tokens in place.
+    """
+    graphdef, stacked = nnx.split(self.layers)
+    index = None if cache is None else cache.index
+
+    def body(carry, xs):
+      x, kv = carry
+      params, i = xs
+      rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+      block = nnx.merge(graphdef, params)
+      return block(x, cos, sin, mask, kv, index, rng, constrain, backend, layer=i), None
+
+    if self.remat_policy != "none" and cache is None:  # remat per layer: the policy inside the body
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+    kv = None if cache is None else (cache.k, cache.v)
+    layers = jnp.arange(self.cfg["num_layers"], dtype=jnp.int32)
+    (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, layers))
+    return x, kv
 
   def _run_block(self, layer, x, cos, sin, mask, kv, index, rng, constrain, backend):
     if self.remat_policy == "none" or kv is not None:
