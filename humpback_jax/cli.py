@@ -73,7 +73,8 @@ def cmd_train(args, overrides):
                                            seq_len=cfg.train.seq_len, policy=cfg.train.truncation)
   steps, batch = finetune.steps_and_batch(cfg.train, len(examples))
   if cfg.base.checkpoint:
-    init = lambda: api.load_weights(Path(cfg.base.checkpoint), layout, fmt=cfg.base.format)[1]
+    init = lambda: api.load_weights(Path(cfg.base.checkpoint), layout, fmt=cfg.base.format,
+                                    scan_layers=cfg.model.scan_layers)[1]
   else:
     init = lambda: build.init_params(cfg.model, layout, seed=cfg.train.seed)
   summary = finetune.run(cfg, layout, tok, examples, init_params=init, workdir=Path(args.workdir),

@@ -196,7 +196,8 @@ class Run:
 
   def _base_params(self):
     if self.cfg.base.checkpoint:
-      _, params, _, _ = api.load_weights(Path(self.cfg.base.checkpoint), self.layout, fmt=self.cfg.base.format)
+      _, params, _, _ = api.load_weights(Path(self.cfg.base.checkpoint), self.layout, fmt=self.cfg.base.format,
+                                         scan_layers=self.cfg.model.scan_layers)  # the layer form training uses
       return params
     return self._model_params("pretrain")
 
