@@ -22,16 +22,18 @@ CHATML = tokenizer.CHATML  # SmolLM2's: its template adds a default system turn
 TOY_ASSETS = resources.files("humpback_jax") / "assets" / "toy"
 
 
-# Paper-size (accelerator) presets scan their layers: one layer compiled, not 32-80. The small CPU
+# Paper-size (accelerator) presets scan their layers (one layer compiled, not 32-80) and recompute each
+# layer in the backward pass: without remat the scan stacks every layer's residuals, and LLaMA-7B's
+# batch-32 x 2048 step needs 115 GiB of temporaries per v5p chip (XLA, 8 chips, fsdp). The small CPU
 # presets (toy, bench20m, smollm2_135m) keep the layer list, where the CPU kernels' decode path applies.
 def _llama1(dim, layers, heads, mlp):
   return dict(vocab_size=32000, dim=dim, num_layers=layers, num_heads=heads, num_kv_heads=heads,
-              mlp_dim=mlp, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048, scan_layers=True)
+              mlp_dim=mlp, norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048, scan_layers=True, remat_policy="full")
 
 
 def _llama2(dim, layers, heads, kv, mlp):
   return dict(vocab_size=32000, dim=dim, num_layers=layers, num_heads=heads, num_kv_heads=kv,
-              mlp_dim=mlp, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096, scan_layers=True)
+              mlp_dim=mlp, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096, scan_layers=True, remat_policy="full")
 
 
 MODELS = {
@@ -49,9 +51,9 @@ MODELS = {
     "llama2_13b": _llama2(5120, 40, 40, 40, 13824),
     "llama2_70b": _llama2(8192, 80, 64, 8, 28672),
     "llama3_8b": dict(vocab_size=128256, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                      mlp_dim=14336, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192, scan_layers=True),
+                      mlp_dim=14336, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192, scan_layers=True, remat_policy="full"),
     "llama3.1_8b": dict(vocab_size=128256, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                        mlp_dim=14336, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, scan_layers=True,
+                        mlp_dim=14336, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, scan_layers=True, remat_policy="full",
                         rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                           original_max_position_embeddings=8192)),
     "smollm2_135m": dict(vocab_size=49152, dim=576, num_layers=30, num_heads=9, num_kv_heads=3,

@@ -3,12 +3,13 @@ engine's results: greedy tokens equal, sampled tokens independent of slot count,
 changing nothing but the work (tokens and scores). One tiny random GQA model, random weights.
 """
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from helpers import layout, tiny_config
 from humpback_jax.generate import GREEDY, Engine, SamplingParams
-from humpback_jax.model import build
+from humpback_jax.model import build, stacking
 
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, seed=5, max_new_tokens=24)
 SHARED = [7, 3, 9, 12, 5, 8, 100, 2, 44, 6, 17, 90, 31, 4, 60, 11, 23, 77, 50, 51, 52]  # 21: 5 granules of 4
@@ -106,3 +107,21 @@ def test_compiles_stay_few_across_calls(model):
   for seed in (1, 2):
     eng.generate_ids(prompts(seed=seed), GREEDY, max_new_tokens=8)
   assert eng.stats.compiles == first == 5  # slot cache, group cache, chunk, insert, decode (no common prefix)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 4, 2)], ids=["single", "fsdp_x_tensor"])
+def test_scanned_layers_give_the_layer_lists_tokens_and_scores(model, shape):
+  """`scan_layers`: the slot and group caches are stacked [layers, ...]; insertion and prefix copies
+  move every layer's rows at once."""
+  cfg, params = model
+  scanned_cfg = tiny_config(max_seq_len=256, scan_layers=True)
+  lay = layout(shape)
+  stacked = stacking.to_form(jax.tree.map(jnp.copy, params), scanned_cfg, build.param_shardings(scanned_cfg, lay))
+  scanned = Engine(scanned_cfg, stacked, lay, prompt_buckets=(16, 32, 64), batch_size=4, scheduler="continuous",
+                   decode_steps=3, prefill_chunk=8, prefix_granule=4, decode_slots=3)
+  rows = prompts()
+  assert scanned.generate_ids(rows, GREEDY, max_new_tokens=8) == engine(model).generate_ids(rows, GREEDY, max_new_tokens=8)
+  shared = [SHARED + [i + 1] * (i + 2) for i in range(5)]  # scored on top of a stored shared prefix
+  conts = [[5, 6, 7][:i % 3 + 1] for i in range(5)]
+  np.testing.assert_allclose(scanned.loglikelihood(shared, conts), engine(model).loglikelihood(shared, conts), rtol=1e-5)
+  assert scanned.stats.prefill_tokens_saved > 0

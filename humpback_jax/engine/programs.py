@@ -64,8 +64,10 @@ def insert(slots_cache, group_cache, slot_ids_p):
   valid = src < group_cache.index
   src = jnp.minimum(src, width - 1)
 
-  def rows(ring_kv, group_kv):  # [S, L, kv, d] <- [P, Lp, kv, d]
-    return ring_kv.at[slot_ids_p].set(jnp.take(group_kv, src, axis=1).astype(ring_kv.dtype), mode="drop")
+  def rows(ring_kv, group_kv):  # [S, L, kv, d] <- [P, Lp, kv, d], after a leading layers axis when scanned
+    lead = (slice(None),) * (ring_kv.ndim - 4)
+    taken = jnp.take(group_kv, src, axis=len(lead) + 1).astype(ring_kv.dtype)
+    return ring_kv.at[(*lead, slot_ids_p)].set(taken, mode="drop")
 
   positions = jnp.where(valid, jnp.take(group_cache.positions, src, axis=1), -1)
   return slots_cache.replace(

@@ -64,14 +64,15 @@ def to_form(params, cfg, shardings):
   src, n = params["layers"], cfg.num_layers
   if cfg.scan_layers:
     def stack(target, *layers):
-      out = stack_onto(lambda i: layers[i], n, (n, *layers[0].shape), layers[0].dtype, target)
+      out = stack_onto(lambda i: jax.device_put(layers[i], layer_sharding(target)), n, (n, *layers[0].shape), layers[0].dtype, target)
       for layer in layers:
         layer.delete()
       return out
     layers = jax.tree.map(stack, shardings["layers"], *(src[i] for i in range(n)))
   else:
     def unstack(target, stacked):
-      out = list(unstacked_layers(stacked, target))
+      out = list(unstacked_layers(jax.device_put(stacked, NamedSharding(target.mesh, PartitionSpec(None, *target.spec))),
+                                  target))
       stacked.delete()
       return out
     lists = jax.tree.map(unstack, shardings["layers"][0], src)
