@@ -115,8 +115,11 @@ def load_params(path, cfg, layout, dtype=None, reader: gguf.GGUFReader | None = 
   tensors = {t.name: t for t in reader.tensors}
   expected = {gguf_name(p): (p, shape) for p, shape in
               hf.hf_shapes(cfg, weights_check.per_layer_paths(cfg)).values()}
+  fields = weights_check.GGUF_FIELDS
+  if reader.get_field("llama.attention.key_length") is None:
+    fields = weights_check.derived_head_dim(fields)
   weights_check.check(str(path), "the GGUF metadata", cfg, {n: tuple(reversed(t.shape.tolist())) for n, t in tensors.items()},
-                      expected, weights_check.GGUF_FIELDS, ignore=lambda name: name == "rope_freqs.weight")
+                      expected, fields, ignore=lambda name: name == "rope_freqs.weight")
 
   def get_hf_tensor(our_path):
     name = gguf_name(our_path)

@@ -166,8 +166,11 @@ def load_params(folder: Path, cfg, layout: sharding.Layout, dtype=None):
   """Imports HF weights onto `layout`, tensor by tensor, after checking every tensor's name and shape
   against config.json; returns our nested params dict."""
   tensors = open_hf_tensors(folder)
+  fields = weights_check.HF_FIELDS
+  if "head_dim" not in json.loads((Path(folder) / "config.json").read_text()):
+    fields = weights_check.derived_head_dim(fields)
   weights_check.check(str(folder), "config.json", cfg, {n: t.shape for n, t in tensors.items()},
-                      hf_shapes(cfg, weights_check.per_layer_paths(cfg)), weights_check.HF_FIELDS)
+                      hf_shapes(cfg, weights_check.per_layer_paths(cfg)), fields, ignore=weights_check.hf_buffer)
   return place(lambda path: tensors.get(hf_name(path)), cfg, layout, dtype, source=str(folder))
 
 

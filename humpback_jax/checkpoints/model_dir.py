@@ -4,6 +4,7 @@ template), the tokenizer file, and `params/` written by orbax (sharded, restorab
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from humpback_jax import sharding
-from humpback_jax.errors import DataError
+from humpback_jax.errors import ConfigError, DataError
 from humpback_jax.config import model_config
 from humpback_jax.model import build, stacking
 
@@ -61,7 +62,10 @@ def read_meta(path: Path) -> dict:
   if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
     raise DataError(f"{f}: field 'model' (the model config) is missing; the checkpoint is incomplete", path=f,
                     field="model")
-  meta["model"] = model_config(**meta["model"])  # fields added since it was written take their defaults
+  try:
+    meta["model"] = model_config(**meta["model"])  # fields added since it was written take their defaults
+  except (ConfigError, TypeError) as e:  # an unknown field, or a value of the wrong type
+    raise DataError(f"{f}: {e}; the checkpoint's model config is damaged", path=f, field="model") from None
   return meta
 
 
@@ -102,8 +106,14 @@ def check_params(path: Path, model_cfg) -> None:
     raise DataError(f"{params}: cannot read the saved parameters' metadata ({type(e).__name__}: "
                     f"{' '.join(str(e).split())[:200]}); the checkpoint is damaged", path=params) from None
   found = {name: tuple(m.shape) for name, m in hf.flatten(_as_dict(saved)).items()}
+  stacked = not any(re.match(r"layers/\d+/", name) for name in found)
+  if found and stacked != bool(model_cfg.scan_layers):
+    raise DataError(f"{params}: the layers are saved {'stacked' if stacked else 'as a list'}, but "
+                    f"{Path(path) / MODEL_JSON} has model.scan_layers = {str(bool(model_cfg.scan_layers)).lower()}; "
+                    "fix model.json", path=params, field="model.scan_layers")
   expected = {name: (name, tuple(s.shape)) for name, s in hf.flatten(build.abstract_params(model_cfg)).items()}
-  weights_check.check(str(params), str(Path(path) / MODEL_JSON), model_cfg, found, expected, weights_check.OURS_FIELDS)
+  fields = weights_check.OURS_FIELDS if model_cfg.head_dim else weights_check.derived_head_dim(weights_check.OURS_FIELDS)
+  weights_check.check(str(params), str(Path(path) / MODEL_JSON), model_cfg, found, expected, fields)
 
 
 def _as_dict(tree):

@@ -26,6 +26,18 @@ GGUF_FIELDS = dict(vocab_size="token_embd.weight rows", dim="llama.embedding_len
 OURS_FIELDS = {k: f"model.{k}" for k in HF_FIELDS}
 
 
+def derived_head_dim(fields: Mapping[str, str]) -> dict[str, str]:
+  """`fields` for a config that does not state head_dim, which is then dim / num_heads: a wrong head
+  count shows in the message as the fields that set the width."""
+  return {**fields, "head_dim": f"({fields['dim']} / {fields['num_heads']})"}
+
+
+def hf_buffer(name: str) -> bool:
+  """Tensors HF LLaMA checkpoints may hold that are not weights: older exports saved each layer's
+  rotary frequencies (`rotary_emb.inv_freq`), which the config's rope settings recompute."""
+  return name.endswith(".rotary_emb.inv_freq")
+
+
 def per_layer_paths(cfg) -> list[str]:
   """Our parameter paths, one per tensor of a per-layer (unstacked) checkpoint."""
   layer = ["attn_norm/scale", "mlp_norm/scale", "attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down"]
@@ -51,7 +63,8 @@ def check(source: str, config_file: str, cfg, found: Mapping[str, tuple], expect
     have = tuple(int(d) for d in found[name])
     if have != tuple(shape):
       raise DataError(f"{source}: tensor {name!r} has shape {have}, but {config_file} gives {tuple(shape)} "
-                      f"({_dims_explained(have, shape, cfg, fields)}); fix {config_file} or use the matching weights",
+                      f"({_dims_explained(have, shape, cfg, fields, _stacked(path))}); fix {config_file} or use the "
+                      "matching weights",
                       path=source, field=name)
 
 
@@ -68,15 +81,23 @@ def _why_unused(unused, cfg, fields, config_file) -> str:
   if layers and layers[0] >= cfg.num_layers:
     return (f"{config_file} has {fields['num_layers']} = {cfg.num_layers} but the weights hold layers up to "
             f"{layers[-1]} ({layers[-1] + 1} layers)")
-  if any(n in ("lm_head.weight", "output.weight") for n in unused):
+  if any(n in ("lm_head.weight", "output.weight", "lm_head") for n in unused):
     return f"{config_file} has {fields['tie_embeddings']} = true, but the weights hold a separate output head"
   return "no parameter of a LLaMA with this config reads them"
 
 
-def _dims_explained(have, want, cfg, fields) -> str:
+def _stacked(path: str) -> bool:
+  """True for our stacked layer parameters (`layers/attn/q`, [layers, ...]; model.scan_layers)."""
+  parts = path.split("/")
+  return parts[0] == "layers" and len(parts) > 1 and not parts[1].isdigit()
+
+
+def _dims_explained(have, want, cfg, fields, stacked=False) -> str:
   """Which config fields give the dimensions that differ, e.g. 'dim 0: num_attention_heads x head_dim = 8 x 32'."""
   h = head_dim(cfg)
   named: dict[int, list[str]] = {}
+  if stacked and len(have) == len(want) and have[0] != want[0]:  # a stack's first dimension is its layers
+    return f"dim 0: {fields['num_layers']} = {cfg.num_layers}"
   for value, text in ((cfg.num_heads * h, f"{fields['num_heads']} x {fields['head_dim']} = {cfg.num_heads} x {h}"),
                       (cfg.num_kv_heads * h, f"{fields['num_kv_heads']} x {fields['head_dim']} = {cfg.num_kv_heads} x {h}"),
                       (cfg.vocab_size, f"{fields['vocab_size']} = {cfg.vocab_size}"),

@@ -1,6 +1,7 @@
 """Weights that disagree with their config, or files cut short, stop the import naming the tensor and field."""
 import json
 import os
+import re
 
 import gguf
 import numpy as np
@@ -110,19 +111,18 @@ def test_a_safetensors_header_past_the_end_names_the_offset(hf_folder):
     safetensors_io.read_header(path)
 
 
-def write_gguf(path, params, cfg, *, block_count=None, drop=()):
-  """Our params as a GGUF file with LLaMA metadata (F32 tensors)."""
+def write_gguf(path, params, cfg, *, block_count=None, drop=(), extra=None, **metadata):
+  """Our params as a GGUF file with LLaMA metadata (F32 tensors); `metadata` replaces a key
+  (head_count=8 writes llama.attention.head_count = 8); `extra` adds tensors."""
   writer = gguf.GGUFWriter(str(path), "llama")
-  writer.add_block_count(block_count or cfg.num_layers)
-  writer.add_embedding_length(cfg.dim)
-  writer.add_feed_forward_length(cfg.mlp_dim)
-  writer.add_head_count(cfg.num_heads)
-  writer.add_head_count_kv(cfg.num_kv_heads)
-  writer.add_context_length(cfg.max_seq_len)
-  for our_path, leaf in hf.flatten(params).items():
-    name = gguf_ckpt.gguf_name(our_path)
+  keys = {**dict(block_count=block_count or cfg.num_layers, embedding_length=cfg.dim, feed_forward_length=cfg.mlp_dim,
+                head_count=cfg.num_heads, head_count_kv=cfg.num_kv_heads, context_length=cfg.max_seq_len), **metadata}
+  for key, value in keys.items():
+    getattr(writer, f"add_{key}")(value)
+  tensors = {gguf_ckpt.gguf_name(p): hf.to_hf(p, np.asarray(leaf)) for p, leaf in hf.flatten(params).items()}
+  for name, w in {**tensors, **(extra or {})}.items():
     if name not in drop:
-      writer.add_tensor(name, np.ascontiguousarray(hf.to_hf(our_path, np.asarray(leaf))))
+      writer.add_tensor(name, np.ascontiguousarray(w))
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
@@ -160,7 +160,7 @@ def test_a_truncated_gguf_names_the_file(tmp_path, params, keep_fraction):
 def test_a_broken_config_json_is_named(hf_folder, tmp_path, capsys, text, message):
   (hf_folder / "config.json").write_text(text)
   code, err = convert(hf_folder, tmp_path / "ours", capsys)
-  assert code == 2 and __import__("re").search(message, err), err
+  assert code == 2 and re.search(message, err), err
 
 
 def test_a_model_json_without_its_config_is_named(tmp_path, params):
@@ -168,3 +168,108 @@ def test_a_model_json_without_its_config_is_named(tmp_path, params):
   (tmp_path / "ours" / "model.json").write_text(json.dumps(dict(tokenizer=None)))
   with pytest.raises(DataError, match=r"model.json: field 'model' \(the model config\) is missing"):
     api.load(tmp_path / "ours", layout=layout())
+
+
+def rewrite_safetensors(folder, drop=(), extra=None):
+  path = folder / "model.safetensors"
+  tensors = {n: np.array(t) for n, t in safetensors_io.open_tensors(path).items() if n not in drop}
+  safetensors_io.write(path, {**tensors, **(extra or {})})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(extra={"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}),
+     r"1 tensor\(s\) would be unused, e.g. \['model.layers.0.self_attn.q_proj.bias'\]"),
+    (dict(drop=("model.layers.1.mlp.up_proj.weight",)),
+     r"tensor 'model.layers.1.mlp.up_proj.weight' \(for layers/1/mlp/up\) is missing; config.json has "
+     r"num_hidden_layers = 2"),
+])
+def test_convert_of_an_hf_folder_with_an_unused_or_missing_tensor_names_it(hf_folder, tmp_path, capsys, edit, message):
+  rewrite_safetensors(hf_folder, **edit)
+  code, err = convert(hf_folder, tmp_path / "ours", capsys)
+  assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+  assert not (tmp_path / "ours").exists()
+
+
+def test_rotary_buffers_of_older_hf_exports_are_not_weights(hf_folder, tmp_path, capsys):
+  inv_freq = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32) for i in range(2)}
+  rewrite_safetensors(hf_folder, extra=inv_freq)
+  assert convert(hf_folder, tmp_path / "ours", capsys)[0] == 0
+
+
+def test_a_head_count_change_without_head_dim_names_the_fields_that_set_the_width(hf_folder, tmp_path, capsys):
+  cfg = json.loads((hf_folder / "config.json").read_text())
+  del cfg["head_dim"]
+  cfg["num_attention_heads"] = 8  # 8 x 8 = 64 rows of q_proj, as 4 x 16: only k_proj (2 kv heads) tells
+  (hf_folder / "config.json").write_text(json.dumps(cfg))
+  code, err = convert(hf_folder, tmp_path / "ours", capsys)
+  assert code == 2
+  assert "k_proj.weight" in err and "num_key_value_heads x (hidden_size / num_attention_heads) = 2 x 8" in err, err
+
+
+@pytest.mark.parametrize("change, tensor, field", [
+    (dict(block_count=1), "'blk.1.", "llama.block_count = 1"),
+    (dict(block_count=3), "'blk.2.", "llama.block_count = 3"),
+    (dict(head_count=8, key_length=16), "'blk.0.attn_q.weight'",
+     "llama.attention.head_count x llama.attention.key_length = 8 x 16"),
+    (dict(head_count=8), "'blk.0.attn_k.weight'",
+     "llama.attention.head_count_kv x (llama.embedding_length / llama.attention.head_count) = 2 x 8"),
+    (dict(head_count_kv=4), "'blk.0.attn_k.weight'", "llama.attention.head_count_kv x (llama.embedding_length / "
+                                                   "llama.attention.head_count) = 4 x 16"),
+    (dict(key_length=8), "'blk.0.attn_q.weight'", "llama.attention.head_count x llama.attention.key_length = 4 x 8"),
+    (dict(feed_forward_length=96), "'blk.0.ffn_gate.weight'", "llama.feed_forward_length = 96"),
+    (dict(embedding_length=32, key_length=16), "'token_embd.weight'", "llama.embedding_length = 32"),
+    (dict(extra={"blk.0.attn_q.bias": np.zeros(64, np.float32)}), "['blk.0.attn_q.bias']", "would be unused"),
+    (dict(drop=("output.weight",)), "'token_embd.weight'", ""),  # GGUF ties by leaving out output.weight: loads
+])
+def test_convert_of_a_gguf_whose_metadata_disagrees_names_the_tensor_and_key(tmp_path, params, capsys, change, tensor,
+                                                                            field):
+  path = write_gguf(tmp_path / "m.gguf", params, tiny_config(), **change)
+  code, err = convert(path, tmp_path / "ours", capsys)
+  if not field:  # tied: the weights agree; only the tokenizer (this file has none) is missing
+    assert "token_embd" not in err and "tokenizer" in err, err
+    return
+  assert code == 2 and len(err.strip().splitlines()) == 1, err
+  assert tensor in err and field in err, err
+  assert not (tmp_path / "ours").exists()
+
+
+def save_ours(folder, stacked=False, **model_changes):
+  cfg = tiny_config(scan_layers=stacked)
+  model_dir.save(folder, build.init_params(cfg, layout(), seed=0), cfg)
+  meta = json.loads((folder / "model.json").read_text())
+  meta["model"].update(model_changes)
+  (folder / "model.json").write_text(json.dumps(meta))
+  return folder
+
+
+@pytest.mark.parametrize("stacked, change, tensor, field", [
+    (False, dict(num_layers=1), "['layers/1/", "model.num_layers = 1"),
+    (False, dict(num_layers=3), "'layers/2/", "model.num_layers = 3"),
+    (False, dict(num_heads=8), "'layers/0/attn/", "model.num_heads = 8"),
+    (False, dict(num_kv_heads=4), "'layers/0/attn/k'", "model.num_kv_heads = 4"),
+    (False, dict(head_dim=8), "'layers/0/attn/", "model.head_dim = 8"),
+    (False, dict(vocab_size=100), "'embed'", "model.vocab_size = 100"),
+    (False, dict(mlp_dim=96), "'layers/0/mlp/", "model.mlp_dim = 96"),
+    (False, dict(tie_embeddings=True), "['lm_head']", "model.tie_embeddings = true"),
+    (False, dict(scan_layers=True), "saved as a list", "model.scan_layers = true"),
+    (True, dict(num_layers=3), "'layers/", "dim 0: model.num_layers = 3"),
+    (True, dict(num_kv_heads=4), "'layers/attn/k'", "model.num_kv_heads = 4"),
+    (True, dict(scan_layers=False), "saved stacked", "model.scan_layers = false"),
+])
+def test_convert_of_our_folder_whose_model_json_disagrees_names_the_tensor_and_field(tmp_path, capsys, stacked,
+                                                                                    change, tensor, field):
+  src = save_ours(tmp_path / "src", stacked, **change)
+  code, err = convert(src, tmp_path / "dst", capsys)
+  assert code == 2 and len(err.strip().splitlines()) == 1, err
+  assert tensor in err and field in err, err
+  assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(no_such_field=1), r"model.json: model.no_such_field: unknown model field"),
+    (dict(num_layers="two"), r"model.json: .*num_layers"),
+])
+def test_a_damaged_model_json_is_named(tmp_path, capsys, change, message):
+  src = save_ours(tmp_path / "src", **change)
+  code, err = convert(src, tmp_path / "dst", capsys)
+  assert code == 2 and re.search(message, err), err
