@@ -1,16 +1,18 @@
 """The paper's models on real TPU slices: `humpback plan --compile` on the smallest slice each fits.
 
   ALLOW_MULTIPLE_LIBTPU_LOAD=1 nice python bench/tpu_plans.py [--models llama1_7b,...] [--modes train,generate]
-      [--families v4,v5e,v5p,v6e] [--timeout 1800] > table.md
+      [--families v4,v5e,v5p,v6e] [--compile-families v5p,...] [--jobs 2] [--timeout 1800] > table.md
 
-Per (model, mode, chip family) it starts at the smallest slice our estimate says fits, compiles
-(configs/humpback.py: bf16 compute, full remat, fsdp, splash attention), and walks up the slice
-sizes until XLA says it fits. Training: batch 32 x 2048 tokens; generation: batch 256, 1,024 prompt
+Per (model, mode, chip family) our estimate picks the smallest slice it says fits; for the families
+in --compile-families that slice is compiled (configs/humpback.py: bf16 compute over float32 master
+weights, scanned layers, full remat, fsdp, splash attention), walking up the sizes until XLA says it
+fits; the other rows are the estimate alone (no compile: minutes each on a small host). Training: batch 32 x 2048 tokens; generation: batch 256, 1,024 prompt
 + 512 new tokens. Each compile is its own `humpback plan` process (libtpu holds its memory).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import re
 import subprocess
 import sys
@@ -20,18 +22,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from humpback_jax import chips  # noqa: E402
+
 SLICES = {  # smallest first; v4 and v5p count chips of 2 TensorCores (megacore)
     "v4": ["v4:2x2x1", "v4:2x2x2", "v4:2x2x4", "v4:2x4x4", "v4:4x4x4", "v4:4x4x8"],
     "v5e": ["v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:4x8", "v5e:8x8", "v5e:8x16", "v5e:16x16"],
     "v5p": ["v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4", "v5p:4x4x8"],
     "v6e": ["v6e:2x2", "v6e:2x4", "v6e:4x4", "v6e:4x8", "v6e:8x8", "v6e:8x16", "v6e:16x16"],
 }
+KINDS = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}  # chips.py's keys
 MODELS = ("llama1_7b", "llama1_13b", "llama1_33b", "llama1_65b", "llama2_70b", "llama3_8b")
 MODES = {
     "train": ["--config.train.batch_size=32", "--config.train.seq_len=2048"],
     "generate": ["--mode=generate", "--config.generate.batch_size=256", "--config.generate.max_new_tokens=512",
                  "--prompt-len=1024"],
 }
+
+
+def mesh_override(mode: str, topology: str) -> str:
+  """fsdp over as many devices as the batch has rows (a row cannot split), tensor parallel over the rest."""
+  n = chips_of(topology)
+  fsdp = min(n, 32 if mode == "train" else 256)
+  return f"--config.mesh.shape=(1,{fsdp},{n // fsdp})"
+
+
+def overrides(mode: str, topology: str) -> list[str]:
+  return [*MODES[mode], mesh_override(mode, topology)]
 
 
 def chips_of(topology: str) -> int:
@@ -41,25 +57,10 @@ def chips_of(topology: str) -> int:
   return n
 
 
-def estimate_fits(model: str, mode: str, topology: str) -> bool:
-  """Our shape-only estimate for this slice (cheap: no compile)."""
-  from humpback_jax import chips, configlib, plan
-  from humpback_jax.errors import ConfigError
-  cfg = configlib.load_config(f"configs/humpback.py:model={model},mesh=fsdp",
-                              [o.removeprefix("--") for o in MODES[mode] if o.startswith("--config.")])
-  kind = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}[topology.split(":")[0]]
-  try:
-    batch, seq = (None, None) if mode == "train" else (256, 1536)
-    return plan.plan(cfg, chips_of(topology), device_gib=chips.CHIPS[kind].hbm_bytes / 2**30, mode=mode,
-                     batch=batch, seq_len=seq).fits
-  except ConfigError:
-    return False
-
-
 def compile_plan(model: str, mode: str, topology: str, timeout: float) -> dict:
   """One `humpback plan --compile` run: its verdict, GiB per device, compile seconds, FLOPs, step time."""
   cmd = [sys.executable, "-m", "humpback_jax.cli", "plan", f"--config=configs/humpback.py:model={model},mesh=fsdp",
-         f"--topology={topology}", "--compile", *MODES[mode]]
+         f"--topology={topology}", "--compile", *overrides(mode, topology)]
   start = time.perf_counter()
   try:
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -70,25 +71,68 @@ def compile_plan(model: str, mode: str, topology: str, timeout: float) -> dict:
   result = dict(verdict=last, seconds=time.perf_counter() - start, fits=last.startswith("compiled: fits"))
   gib = re.search(r"\(([\d.]+) GiB", last)
   result["gib"] = float(gib.group(1)) if gib else None
-  flops = re.search(r"XLA ([\d.e+]+) .*at peak ([\d.e+-]+) s", out)
+  flops = re.search(r"FLOPs per \w+: ([\d.e+]+) .*at peak ([\d.e+-]+) s", out)
   if flops:
     result["flops"], result["step_s"] = float(flops.group(1)), float(flops.group(2))
   result["compile_s"] = sum(float(m) for m in re.findall(r"\| [\d.]+ \| ([\d.]+) \| [\d.e+-]+ \|$", out, re.M))
   return result
 
 
-def smallest_fit(model: str, mode: str, family: str, timeout: float) -> tuple[str, dict] | None:
-  """The smallest slice of `family` the compiled program fits, starting where the estimate says."""
-  sizes = SLICES[family]
-  start = next((i for i, t in enumerate(sizes) if estimate_fits(model, mode, t)), len(sizes) - 1)
-  for topology in sizes[start:]:
+def estimate_gib(model: str, mode: str, topology: str) -> float | None:
+  """Our estimate of GiB per device on this slice, None where the mesh does not divide the model."""
+  from humpback_jax import configlib, plan
+  from humpback_jax.errors import ConfigError
+  cfg = configlib.load_config(f"configs/humpback.py:model={model},mesh=fsdp",
+                              [o.removeprefix("--") for o in overrides(mode, topology) if o.startswith("--config.")])
+  batch, seq, prompt = (None, None, None) if mode == "train" else (256, 1023 + 512, 1024)
+  try:
+    return plan.plan(cfg, chips_of(topology), mode=mode, batch=batch, seq_len=seq, prompt_len=prompt).total / 2**30
+  except ConfigError:
+    return None
+
+
+def smallest_estimated(model: str, mode: str, family: str) -> tuple[int, float | None]:
+  """Index in SLICES[family] of the smallest slice our estimate says fits (the last if none), and its GiB."""
+  for i, topology in enumerate(SLICES[family]):
+    gib = estimate_gib(model, mode, topology)
+    if gib is not None and gib <= chips.CHIPS[KINDS[family]].hbm_bytes / 2**30:
+      return i, gib
+  return len(SLICES[family]) - 1, estimate_gib(model, mode, SLICES[family][-1])
+
+
+def smallest_fit(model: str, mode: str, family: str, start: int, timeout: float) -> tuple[str, dict]:
+  """The smallest slice of `family` from SLICES[family][start] up that the compiled program fits."""
+  for topology in SLICES[family][start:]:
     result = compile_plan(model, mode, topology, timeout)
-    print(f"# {model} {mode} {topology}: {result['verdict']} ({result['seconds']:.0f} s)", file=sys.stderr)
-    if result.get("fits"):
+    print(f"# {model} {mode} {topology}: {result['verdict']} ({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    if result.get("fits") or result["verdict"] == "timeout" or "does not fit" not in result["verdict"]:
       return topology, result
-    if result["verdict"] == "timeout" or "does not fit" not in result["verdict"]:
-      return topology, result
-  return None
+  return topology, result
+
+
+def row(model: str, mode: str, family: str, compile_it: bool, timeout: float) -> str:
+  """One table row: the estimate's smallest slice, compiled (XLA's GiB, compile s) when asked."""
+  start, est = smallest_estimated(model, mode, family)
+  topology, r = SLICES[family][start], {}
+  if compile_it:
+    topology, r = smallest_fit(model, mode, family, start, timeout)
+    est = estimate_gib(model, mode, topology)
+  flops = r.get("flops") or model_flops(model, mode)
+  step_s = flops / (chips_of(topology) * chips.CHIPS[KINDS[family]].peak_flops)
+  xla = (f"{r['gib']:.1f}" if r.get("fits") else r["verdict"][:50]) if r else "not compiled"
+  ratio = f"{est / r['gib']:.2f}" if r.get("fits") and est else ""
+  compile_s = f"{r['compile_s']:.0f}" if r.get("fits") else ""
+  return (f"| {model} | {mode} | {topology} | {chips_of(topology)} | {est or 0:.1f} | {xla} | {ratio} | {compile_s} | "
+          f"{flops / 1e12:,.0f} | {step_s:.3g} s |")
+
+
+def model_flops(model: str, mode: str) -> float:
+  """The model's FLOPs per training step or generation batch (as `humpback plan --compile` prints them)."""
+  from humpback_jax import configlib, train
+  m = configlib.load_config(f"configs/humpback.py:model={model},mesh=fsdp").model
+  if mode == "train":
+    return train.model_flops_per_token(m, 2048) * 32 * 2048
+  return train.model_flops_per_token(m, 1536) / 3 * 256 * 1536
 
 
 def main():
@@ -96,23 +140,18 @@ def main():
   p.add_argument("--models", default=",".join(MODELS))
   p.add_argument("--modes", default="train,generate")
   p.add_argument("--families", default="v4,v5e,v5p,v6e")
+  p.add_argument("--compile-families", default="v4,v5e,v5p,v6e", help="families whose slices are compiled")
+  p.add_argument("--jobs", type=int, default=1, help="compiles at once")
   p.add_argument("--timeout", type=float, default=1800.0, help="seconds per compile")
   args = p.parse_args()
-  print("| model | job | slice | chips | GiB per device | compile s | TFLOP per step | step at peak |")
-  print("|---|---|---|---|---|---|---|---|")
-  for model in args.models.split(","):
-    for mode in args.modes.split(","):
-      for family in args.families.split(","):
-        found = smallest_fit(model, mode, family, args.timeout)
-        if found is None:
-          print(f"| {model} | {mode} | none of {family}'s up to {SLICES[family][-1]} | | | | | |", flush=True)
-          continue
-        topology, r = found
-        if not r.get("fits"):
-          print(f"| {model} | {mode} | {topology}: {r['verdict'][:60]} | | | | | |", flush=True)
-          continue
-        print(f"| {model} | {mode} | {topology} | {chips_of(topology)} | {r['gib']:.1f} | {r['compile_s']:.0f} | "
-              f"{r.get('flops', 0) / 1e12:,.0f} | {r.get('step_s', 0):.3g} s |", flush=True)
+  cells = [(model, mode, family, family in args.compile_families.split(","))
+           for model in args.models.split(",") for mode in args.modes.split(",") for family in args.families.split(",")]
+  print("| model | job | slice | chips | estimate GiB/device | XLA GiB/device | est./XLA | compile s | "
+        "TFLOP per step | step at peak |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # each compile is its own process
+    for line in pool.map(lambda cell: row(*cell, args.timeout), cells):
+      print(line, flush=True)
 
 
 if __name__ == "__main__":

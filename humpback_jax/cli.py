@@ -185,11 +185,11 @@ def cmd_plan(args, overrides):
     devices, gib = plan.config_devices(cfg, args.devices), args.device_gib
     if args.topology:
       devices, gib = plan.topology_size(args.topology, args.slices)
-    batch, seq = None, None
+    batch = seq = prompt = None
     if args.mode == "generate":
       batch, prompt, new = plan.generate_shape(cfg, args.prompt_len)
-      seq = prompt + new
-    result = plan.plan(cfg, devices, device_gib=gib, mode=args.mode, batch=batch, seq_len=seq)
+      seq = prompt - 1 + new  # the cache: prefill writes all but the last prompt token
+    result = plan.plan(cfg, devices, device_gib=gib, mode=args.mode, batch=batch, seq_len=seq, prompt_len=prompt)
     print(result.table())
     fits = result.fits
   if not fits:

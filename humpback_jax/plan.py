@@ -33,10 +33,11 @@ class Plan:
   global_batch: int
   per_device_batch: float
   device_bytes: int
+  update_buffers: int = 0
 
   @property
   def total(self) -> int:
-    return self.params + self.optimizer + self.gradients + self.activations + self.kv_cache
+    return self.params + self.optimizer + self.gradients + self.update_buffers + self.activations + self.kv_cache
 
   @property
   def fits(self) -> bool:
@@ -45,7 +46,8 @@ class Plan:
   def table(self) -> str:
     """A readable table of the plan."""
     rows = [("params", self.params), ("optimizer state", self.optimizer), ("gradients", self.gradients),
-            ("activations (est.)", self.activations), ("kv cache", self.kv_cache), ("total", self.total)]
+            ("update buffers (est.)", self.update_buffers), ("activations (est.)", self.activations),
+            ("kv cache", self.kv_cache), ("total", self.total)]
     lines = [f"mesh {self.mesh}; global batch {self.global_batch}, per device {self.per_device_batch:g}",
              "| per device | GiB |", "|---|---|"]
     lines += [f"| {name} | {b / GIB:.2f} |" for name, b in rows]
@@ -90,8 +92,10 @@ def config_devices(cfg, devices: int | None = None) -> int:
 
 
 def plan(cfg, num_devices: int, *, device_gib: float = 80.0, mode: str = "train", batch: int | None = None,
-         seq_len: int | None = None) -> Plan:
-  """Plans `cfg` (model, mesh, train/generate) on `num_devices` devices of `device_gib` GiB each."""
+         seq_len: int | None = None, prompt_len: int | None = None) -> Plan:
+  """Plans `cfg` (model, mesh, train/generate) on `num_devices` devices of `device_gib` GiB each.
+  Generation: `seq_len` cache slots of which `prompt_len` (default: all but generate.max_new_tokens)
+  are the prompt."""
   shape = sharding.resolve_mesh_shape(cfg.mesh.shape, num_devices)
   mesh = AbstractMesh(shape, tuple(cfg.mesh.axes))
   layout = sharding.Layout(mesh)
@@ -99,6 +103,7 @@ def plan(cfg, num_devices: int, *, device_gib: float = 80.0, mode: str = "train"
   m = cfg.model
   mesh_shape = dict(mesh.shape)
   data_ways = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+  tensor = mesh_shape.get("tensor", 1)
   params = param_bytes_per_device(m, layout)
   compute = np.dtype(m.dtype).itemsize
   if mode == "train":
@@ -107,33 +112,54 @@ def plan(cfg, num_devices: int, *, device_gib: float = 80.0, mode: str = "train"
     optimizer = 2 * param_bytes_per_device(m, layout, np.float32)  # Adam mu and nu
     gradients = param_bytes_per_device(m, layout, np.float32)
     local = batch / data_ways
-    activations = int(_activation_bytes(m, local, seq, compute, mesh_shape.get("tensor", 1)))
-    kv = 0
+    activations = int(_activation_bytes(m, local, seq, compute, tensor))
+    update, kv = int(UPDATE_BUFFERS * gradients), 0
   else:
     batch = batch or cfg.generate.batch_size
     seq = seq_len or m.max_seq_len
-    optimizer = gradients = 0
+    prompt = prompt_len or max(seq - cfg.generate.max_new_tokens, 1)
+    optimizer = gradients = update = 0
     local = batch / data_ways
-    kv_heads_local = m.num_kv_heads / (mesh_shape.get("tensor", 1) if m.num_kv_heads % mesh_shape.get("tensor", 1) == 0 else 1)
+    kv_heads_local = m.num_kv_heads / (tensor if m.num_kv_heads % tensor == 0 else 1)
     kv = int(2 * m.num_layers * local * seq * kv_heads_local * head_dim(m) * compute)
-    activations = int(local * seq * (m.dim * 4 + m.vocab_size * 4 / mesh_shape.get("tensor", 1)))
+    activations = int(_generate_workspace(m, local, prompt, seq, tensor, params, kv))
   return Plan(mesh=mesh_shape, params=params, optimizer=optimizer, gradients=gradients, activations=activations,
-              kv_cache=kv, global_batch=batch, per_device_batch=local, device_bytes=int(device_gib * GIB))
+              kv_cache=kv, global_batch=batch, per_device_batch=local, device_bytes=int(device_gib * GIB),
+              update_buffers=update)
+
+
+# Temporaries of the optimizer step beyond the float32 gradients, in gradients' bytes: their copy
+# divided by the token count, the Adam update before it is applied, and the weights cast to the
+# compute dtype (hoisted out of the layer scan). Fitted to XLA's temporaries for LLaMA-7B with 4 and
+# 32 scanned layers on v5p:2x2x2 (bench/RESULTS.md "Planner vs XLA").
+UPDATE_BUFFERS = 2.25
+# XLA's attention (prefill with a cache: no splash) holds ~3.3 float32 score buffers
+# [rows, heads, prompt, cache] at its peak (scores, probabilities, their exponent), same source.
+PREFILL_SCORE_BUFFERS = 3.3
 
 
 def _activation_bytes(m, local_batch: float, seq: int, itemsize: int, tensor: int) -> float:
   """Estimate. Saved for the backward per layer and token: without remat the inputs of its matmuls
   and elementwise ops, ~10 x dim + 3 x mlp values, plus under XLA's attention (model.backend xla or
   cpu_kernels) the [heads, seq] probabilities (splash and cuDNN keep one log-sum-exp per head
-  instead); with remat only the block input [b, s, d], plus one layer's recompute peak. Plus the
-  float32 logits and their gradient. Checked against XLA's compiled temporaries in bench/RESULTS.md."""
+  instead); with remat only the block input [b, s, d] per layer, plus about half of one layer's
+  values while it is recomputed. Plus the float32 logits and their gradient."""
   tokens = local_batch * seq
   probs = m.num_heads / tensor * seq if m.get("backend", "auto") in ("xla", "cpu_kernels") else 0
   per_layer = tokens * ((10 * m.dim + 3 * m.mlp_dim / tensor) * itemsize + probs * 4)
   logits = 2 * tokens * m.vocab_size / tensor * 4
   if m.remat_policy == "none":  # scanned layers stack every residual: ~1.5x (LLaMA-7B on v5p, bench/RESULTS.md)
     return m.num_layers * per_layer * (1.5 if m.get("scan_layers", False) else 1.0) + logits
-  return m.num_layers * tokens * m.dim * itemsize + per_layer + logits
+  return m.num_layers * tokens * m.dim * itemsize + per_layer / 2 + logits
+
+
+def _generate_workspace(m, local_batch: float, prompt: int, cache_len: int, tensor: int, params: int,
+                        kv: int) -> float:
+  """Estimate of the larger of prefill's and decode's temporaries: prefill's float32 attention
+  scores over the whole cache; decode's second copy of the cache (XLA copies the loop's carry) and
+  of the weights."""
+  scores = local_batch * m.num_heads / tensor * (prompt - 1) * cache_len * 4
+  return max(PREFILL_SCORE_BUFFERS * scores, kv + params)
 
 
 def generate_shape(cfg, prompt_len: int | None = None) -> tuple[int, int, int]:
@@ -165,7 +191,8 @@ def compiled_report(cfg, topology: str, slices: int = 1, mode: str = "train",
     est_flops = train.model_flops_per_token(cfg.model, seq) * batch * seq
   else:
     batch, prompt, new = generate_shape(cfg, prompt_len)
-    estimate = plan(cfg, n, device_gib=hbm / GIB, mode=mode, batch=batch, seq_len=prompt + new)
+    estimate = plan(cfg, n, device_gib=hbm / GIB, mode=mode, batch=batch, seq_len=prompt - 1 + new,
+                    prompt_len=prompt)
     est_flops = train.model_flops_per_token(cfg.model, prompt + new) / 3 * batch * (prompt + new)
   lines = [f"{topology} x {slices} slice(s): {n} x {chip.name} ({hbm / GIB:.0f} GiB HBM, "
            f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16 each)", "our estimate:", estimate.table(), ""]
@@ -184,11 +211,15 @@ def compiled_report(cfg, topology: str, slices: int = 1, mode: str = "train",
   for p in programs:
     lines.append(f"| {p.name} | {g(p.arguments)} | {g(p.outputs)} | {g(p.aliases)} | {g(p.temporaries)} | "
                  f"{g(p.code)} | {g(p.total)} | {p.seconds:.0f} | {p.flops / 1e12:.3g} |")
-  steps = {"train step": 1, "prefill": 1, "decode": new if mode == "generate" else 0}
-  xla_flops = sum(p.flops * n * steps[p.name] for p in programs)  # XLA counts a while loop's body once
-  lines.append(f"FLOPs per {'step' if mode == 'train' else 'batch'}: XLA {xla_flops:.3e} (remat recompute "
-               f"included), our model estimate {est_flops:.3e}; at peak {xla_flops / (n * chip.peak_flops):.3g} s")
+  # XLA's cost_analysis counts a while loop's body once (a scanned layer stack, the decode loop) and
+  # no Pallas kernel: the step time at peak comes from the model's FLOPs (100% MFU).
+  xla_flops = sum(p.flops * n for p in programs)
+  per_token = "6" if mode == "train" else "2"
+  lines.append(f"FLOPs per {'step' if mode == 'train' else 'batch'}: {est_flops:.3e} (model: {per_token} x params x "
+               f"tokens + attention); at peak {est_flops / (n * chip.peak_flops):.3g} s; "
+               f"XLA's cost_analysis {xla_flops:.3e} (loop bodies once)")
   peak = max(p.total for p in programs)
+  lines.append(f"our estimate / XLA: {estimate.total / GIB:.2f} / {peak / GIB:.2f} GiB = {estimate.total / peak:.2f}")
   fits = peak <= hbm
   verdict = f"fits ({g(peak)} GiB of {g(hbm)} GiB" if fits else f"does not fit ({g(peak)} GiB > {g(hbm)} GiB"
   return "\n".join(lines + [f"compiled: {verdict} HBM per device)"]), fits

@@ -1,7 +1,7 @@
 """Our real programs compile for TPU topologies from this CPU host (libtpu's AOT path), sharded as
 the layout says. Needs libtpu (the `test` extra installs it); skipped without it.
 
-The LLaMA-7B test is slow (minutes): JAX_NUM_CPU_DEVICES=8 python -m pytest -m slow tests/test_tpu_compile.py
+The LLaMA-7B tests are slow (minutes each): JAX_NUM_CPU_DEVICES=8 python -m pytest -m slow tests/test_tpu_compile.py
 """
 import subprocess
 import sys
@@ -88,3 +88,28 @@ def test_llama_7b_train_step_fits_a_v5p_2x2x2_slice():
   layout = aot.topology_layout(cfg.mesh, aot.topology_devices("v5p:2x2x2"))
   step = aot.train_step(cfg, layout)
   assert step.total <= aot.hbm_bytes(layout)
+
+
+def _within_a_quarter(estimate: int, compiled: int) -> bool:
+  return abs(estimate - compiled) <= 0.25 * compiled
+
+
+@pytest.mark.slow
+def test_the_planner_is_within_25_percent_of_xla_for_a_4_layer_llama_7b_train_step():
+  from humpback_jax import plan
+  cfg = configlib.load_config("configs/humpback.py:model=llama1_7b,mesh=fsdp", ["config.model.num_layers=4"])
+  layout = aot.topology_layout(cfg.mesh, aot.topology_devices("v5p:2x2x2"))
+  step = aot.train_step(cfg, layout)  # batch 32 x 2048, bf16 compute, float32 Adam, scanned, full remat
+  estimate = plan.plan(cfg, 8, mode="train")
+  assert _within_a_quarter(estimate.total, step.total), (estimate.table(), step)
+
+
+@pytest.mark.slow
+def test_the_planner_is_within_25_percent_of_xla_for_a_4_layer_llama_7b_generation():
+  from humpback_jax import plan
+  cfg = configlib.load_config("configs/humpback.py:model=llama1_7b,mesh=fsdp", ["config.model.num_layers=4"])
+  layout = aot.topology_layout(cfg.mesh, aot.topology_devices("v5p:2x2x2"))
+  batch, prompt, new = plan.generate_shape(cfg, 1024)  # 256 rows, 1,024 prompt + 512 new tokens
+  programs = aot.generate_programs(cfg, layout, batch=batch, prompt_len=prompt, max_new=new)
+  estimate = plan.plan(cfg, 8, mode="generate", batch=batch, seq_len=prompt - 1 + new, prompt_len=prompt)
+  assert _within_a_quarter(estimate.total, max(p.total for p in programs)), (estimate.table(), programs)
