@@ -116,6 +116,14 @@ JUDGE_OUTPUTS = [
     (f"{REASONING}\nScore: <rating>", None),
     ("The list has 3 items and covers 2 topics.", None),
     ("Note: the answer has 5 paragraphs and is well written.", None),
+    # What SmolLM2-135M writes when it does not judge (bench/RESULTS.md): a numbered list cut off
+    # at the next item's number, or arithmetic, is not a verdict.
+    ("1. It addresses most of the asks.\n2. It is well organized.\n3. It is complete and self-contained.\n4", None),
+    ("1. Blot up the wine.\n2. Pour cold water on the stain.\n3. Mix washing-up liquid and vinegar.\n4.", None),
+    ("To determine which is bigger, 3/8 or 2/5, we need to compare the two fractions.", None),
+    # A verdict after a list of reasons is still the verdict.
+    ("1. It is helpful.\n2. It is clear.\n\n5", 5),
+    ("1. It is helpful.\n2. It quotes a forum.\nSo 2/5.", 2),
 ]
 
 

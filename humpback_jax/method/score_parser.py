@@ -10,6 +10,9 @@ Rules, in order:
 2. Only when there is none: the last of a final line holding only a number ("4", "4/5", "**4**"),
    "N out of 5" / "N/5" anywhere, "rate ... N" / "give it a N", or "it is / deserves a N." ending
    a sentence.
+A bare final line that is the next number of a numbered list ("3. ...\n4.") is the list cut off,
+and "N/5" on a line with a fraction of another denominator ("3/8 or 2/5") is arithmetic: neither
+is a verdict.
 A mention is not a verdict, and is passed over by both rules, when the words around it make it a
 hypothetical ("a score of 5 would require ...", "to earn a 5", "rate it a 5 if ..."), a comparison
 or negation ("falls short of a score of 5", "better than a 3", "not a 5") or a rubric quote ("a
@@ -70,6 +73,8 @@ _VERDICT_PHRASE = re.compile(r"\b(?:is|deserves?|merits?|earns?|warrants?|call[ 
                              r"(?:(?:solid|clear|strong|fair)[ \t]+)?" + _VALUE + _DENOMINATOR
                              + r"(?=[ \t]*(?:[.!;)\n]|$))", re.IGNORECASE)
 _MARKUP = re.compile(r"[*_`~]+")
+_LIST_ITEM = re.compile(r"^[ \t]*(?P<n>\d+)[.)][ \t]")
+_OTHER_FRACTION = re.compile(r"\d[ \t]*/[ \t]*(?!5(?!\d))\d")
 
 # Words before a mention that make it a comparison, a negation or a condition, not the verdict:
 # "short of a score of 5", "better than a 3", "does not deserve a 5", "to earn a perfect 5".
@@ -121,11 +126,25 @@ def _last_fallback(text: str) -> re.Match | None:
   "rate ... N", "give it a N" or "it is a N."."""
   lines = [line for line in text.splitlines() if line.strip()]
   bare = _BARE_LINE.match(lines[-1]) if lines else None
-  if bare is not None:
+  if bare is not None and not _continues_list(lines, bare):
     return bare  # the final line is the last thing the judge wrote
   phrases = [m for p in (_OUT_OF_FIVE, _RATE_PHRASE, _GIVE_PHRASE, _VERDICT_PHRASE) for m in p.finditer(text)
-             if _is_verdict(text, m)]
+             if _is_verdict(text, m) and not (p is _OUT_OF_FIVE and _among_fractions(text, m))]
   return max(phrases, key=lambda m: m.start(), default=None)
+
+
+def _continues_list(lines: list[str], bare: re.Match) -> bool:
+  """True when the bare final number is the next item number of the list on the line before."""
+  item = _LIST_ITEM.match(lines[-2]) if len(lines) > 1 else None
+  value = bare.group("value")
+  return item is not None and value.isdigit() and int(item.group("n")) + 1 == int(value)
+
+
+def _among_fractions(text: str, match: re.Match) -> bool:
+  """True when the line of an "N/5" also holds a fraction of another denominator: arithmetic."""
+  line_start = text.rfind("\n", 0, match.start()) + 1
+  line_end = len(text) if (end := text.find("\n", match.end())) < 0 else end
+  return _OTHER_FRACTION.search(text, line_start, line_end) is not None
 
 
 def _is_verdict(text: str, match: re.Match) -> bool:
