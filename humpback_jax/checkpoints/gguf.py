@@ -13,7 +13,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from humpback_jax.checkpoints import hf, weights_check
+from humpback_jax.checkpoints import gguf_layout, hf, weights_check
 from humpback_jax.config import head_dim, model_config
 from humpback_jax.errors import DataError
 from humpback_jax.model.llama import rope_frequencies
@@ -56,27 +56,17 @@ def open_reader(path) -> gguf.GGUFReader:
   path = Path(path)
   if not path.is_file():
     raise DataError(f"{path}: GGUF file not found", path=path)
+  gguf_layout.check(path)  # a cut or damaged file named by offset or tensor before the reader maps it
   try:
     reader = gguf.GGUFReader(path)
-  except Exception as e:  # the reader raises IndexError, ValueError or struct errors on a cut file
-    raise DataError(f"{path}: truncated or malformed GGUF ({path.stat().st_size} bytes; the reader stopped with "
+  except Exception as e:  # what the layout walk does not cover (e.g. a value of the wrong type)
+    raise DataError(f"{path}: malformed GGUF ({path.stat().st_size} bytes; the reader stopped with "
                     f"{type(e).__name__}: {e}); download the file again", path=path) from None
-  _check_tensor_extents(path, reader)
   arch = _field(reader, path, "general.architecture")
   if arch != "llama":
     raise DataError(f"{path}: general.architecture is {arch!r}; only 'llama' GGUF files can be imported",
                     path=path, field="general.architecture")
   return reader
-
-
-def _check_tensor_extents(path: Path, reader) -> None:
-  """Every tensor's bytes lie inside the file; names the first one that runs past its end."""
-  size = path.stat().st_size
-  for t in reader.tensors:
-    end = int(t.data_offset) + int(t.n_bytes)
-    if end > size:
-      raise DataError(f"{path}: tensor {t.name!r} needs bytes {t.data_offset}..{end} but the file ends at "
-                      f"{size}; the file is truncated, download it again", path=path, field=t.name)
 
 
 def read_config(path, reader: gguf.GGUFReader | None = None):

@@ -144,13 +144,46 @@ def test_a_gguf_missing_a_tensor_names_it(tmp_path, params):
     api.load(path, layout=layout())
 
 
-@pytest.mark.parametrize("keep_fraction", [0.3, 0.9])
-def test_a_truncated_gguf_names_the_file(tmp_path, params, keep_fraction):
+@pytest.mark.parametrize("keep_bytes, message", [
+    (10, r"10 bytes, shorter than a GGUF header"),
+    (100, r"metadata 'llama\.[\w.]+' at byte offset \d+ runs past the end of the file \(100 bytes\)"),
+    (1000, r"tensor entry #\d+ at byte offset \d+ runs past the end of the file \(1000 bytes\)"),
+    (-10, r"tensor 'output.weight' needs bytes \d+\.\.\d+ but the file ends at \d+; the file is truncated"),
+])
+def test_a_truncated_gguf_names_the_file_and_the_offset_or_tensor(tmp_path, params, capsys, keep_bytes, message):
   path = write_gguf(tmp_path / "m.gguf", params, tiny_config())
   with open(path, "r+b") as f:
-    f.truncate(int(os.path.getsize(path) * keep_fraction))
-  with pytest.raises(DataError, match=r"m.gguf: (truncated or malformed GGUF|tensor '[\w.]+' needs bytes)"):
+    f.truncate(keep_bytes if keep_bytes > 0 else os.path.getsize(path) + keep_bytes)
+  code, err = convert(path, tmp_path / "ours", capsys)
+  assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(r"m\.gguf: " + message, err), err
+
+
+@pytest.mark.parametrize("offset, message", [
+    (0, r"not a GGUF file \(no 'GGUF' magic at byte offset 0\)"),
+    (4, r"the version at byte offset 4 is 4294967295; only GGUF versions 2 and 3 can be read"),
+    (16, r"metadata key #\d+ at byte offset \d+ runs past the end of the file"),  # a damaged entry count
+    (32, r"metadata key #0 at byte offset 24 is not UTF-8 text"),
+])
+def test_a_damaged_gguf_names_the_byte_offset(tmp_path, params, offset, message):
+  path = write_gguf(tmp_path / "m.gguf", params, tiny_config())
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    f.write(b"\xff" * 8)
+  with pytest.raises(DataError, match=r"m\.gguf: " + message):
     api.load(path, layout=layout())
+
+
+@pytest.mark.parametrize("header, message", [
+    (b"{not json", r"safetensors header is not valid JSON"),
+    (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}',
+     r"tensor 'w': data_offsets \[0, 8\] do not hold shape \[4\] of F32"),
+    (b'{"w": {"dtype": "F32", "shape": [4]}}', r"tensor 'w' has a malformed header entry"),
+])
+def test_a_malformed_safetensors_header_names_the_file_and_tensor(tmp_path, header, message):
+  path = tmp_path / "model.safetensors"
+  path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+  with pytest.raises(DataError, match=r"model\.safetensors: " + message):
+    safetensors_io.open_tensors(path)
 
 
 @pytest.mark.parametrize("text, message", [
