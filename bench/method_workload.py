@@ -217,8 +217,9 @@ def main():
   names = args.engines.split(",")
   chosen = args.workloads.split(",")
   runners = {n: HF(model, slots) if n == "hf" else Ours(model, cfg, n, slots) for n in names}
-  print(f"jax {jax.__version__}, {len(texts)} segments, {slots} rows at once, best of {args.repeats} "
-        f"(transformers: {min(args.hf_runs, args.repeats)}); CPU: {cpu_model()}")
+  hf_note = f" (transformers: {min(args.hf_runs, args.repeats)})" if "hf" in runners else ""
+  print(f"jax {jax.__version__}, {len(texts)} segments, {slots} rows at once, best of {args.repeats}{hf_note}; "
+        f"CPU: {cpu_model()}")
   speedups, instructions = [], None
   for name in ("a backtranslate", "b curate (judge)", "c curate (expected)"):
     if name[0] not in chosen:
