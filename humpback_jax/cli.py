@@ -94,15 +94,14 @@ def cmd_generate(args, overrides):
   model = api.load(args.checkpoint, layout=layout)
   engine = engines.engine(cfg, model.cfg, model.params, layout)
   sampling = engines.sampling(cfg)
-  offsets = {r["id"]: i for i, r in enumerate(records)}
   tok = model.tokenizer
   limit = model.cfg.max_seq_len - sampling.max_new_tokens
 
-  def work(batch):
+  def work(batch, first_index):
     live = [r for r in batch if r[args.field].strip()]  # empty is judged on the user's text, not the template's
     ids = {r["id"]: tok.encode_prompt(model.render(r[args.field]) if args.chat else r[args.field]) for r in live}
     outs = dict(zip(ids, engine.generate_ids(list(ids.values()), sampling, eos_ids=[tok.eos_id],
-                                             index_offset=offsets[batch[0]["id"]])))
+                                             index_offset=first_index)))
     rows = []
     for r in batch:
       out = outs.get(r["id"])
@@ -117,10 +116,16 @@ def cmd_generate(args, overrides):
   distributed.barrier("generate_shards")  # process 0 merges every process's shards
   summary = dict(records=len(records))
   if jax.process_index() == 0:
-    merged = shards.merge(out / "shards", [r["id"] for r in records])
-    shards.write_atomic(out / "outputs.jsonl", merged)
-    for status in ("ok", "truncated", "skipped_too_long", "skipped_empty"):
-      summary[status] = sum(r.get("status") == status for r in merged)
+    statuses = dict.fromkeys(("ok", "truncated", "skipped_too_long", "skipped_empty"), 0)
+
+    def counted(rows):
+      for row in rows:
+        statuses[row["status"]] += 1
+        yield row
+
+    # streamed: one shard in memory at a time
+    shards.write_atomic(out / "outputs.jsonl", counted(shards.merged(out / "shards", [r["id"] for r in records])))
+    summary.update(statuses)
   print(json.dumps(dict(summary, **timing, tokens_per_s=engine.stats.tokens_per_second,
                         compiles=engine.stats.compiles, padding_share=engine.stats.padding_share)))
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -86,10 +88,11 @@ def _as_dict(record) -> dict:
   return record if isinstance(record, dict) else dataclasses.asdict(record)
 
 
-def run(records: Sequence, process: Callable[[list], list], out_dir: Path, *,
+def run(records: Sequence, process: Callable[[list, int], list], out_dir: Path, *,
         shard_size: int, process_index: int = 0, process_count: int = 1, desc: str = "shards",
         progress: bool = True) -> dict:
-  """Applies `process` (a batch of records -> one result per record, same order) shard by shard.
+  """Applies `process(batch, first_index)` (a batch of records and the input index of its first ->
+  one result per record, same order) shard by shard; `records` is read one shard's slice at a time.
 
   Returns timing and counts for this process. Results must carry the input's `id`.
   """
@@ -101,7 +104,7 @@ def run(records: Sequence, process: Callable[[list], list], out_dir: Path, *,
   bar = tqdm(total=len(todo), desc=desc, unit="shard", disable=not progress, dynamic_ncols=True)
   for k in todo:
     batch = list(records[k * shard_size:(k + 1) * shard_size])
-    results = process(batch)
+    results = process(batch, k * shard_size)
     if [_id(r) for r in results] != [_id(r) for r in batch]:
       raise RuntimeError(f"shard {k}: results do not match the input ids one to one")
     write_atomic(shard_path(out_dir, k), [_as_dict(r) for r in results])
@@ -137,31 +140,76 @@ def _write_then_rename(path: Path, write) -> None:
     raise
 
 
-def merge(out_dir: Path, expected_ids: Sequence[str]) -> list[dict]:
-  """All shard results in input order; fails naming a shard that differs from its record, or an id
-  that is missing or duplicated."""
-  rows, seen = [], set()
-  for path in sorted(Path(out_dir).glob("part-*.jsonl")):
-    k = int(path.stem.removeprefix("part-"))
+def merged(out_dir: Path, expected_ids: Sequence[str]) -> Iterator[dict]:
+  """Every shard result in input order, streamed one shard at a time (memory holds one shard, never
+  the whole output); fails naming a shard that differs from its record, is missing, or holds an id
+  out of place: duplicated, not in the input, or missing.
+
+  `expected_ids` is the input's ids in order; only the slice of the shard being read is looked at
+  (a dataset view reads just those records)."""
+  out_dir, position = Path(out_dir), 0
+  for k in itertools.count():
+    path = shard_path(out_dir, k)
+    if not path.exists():
+      later = next((j for j in _shard_indices(out_dir) if j > k), None)
+      if later is not None:
+        raise DataError(f"{path}: missing (found {shard_path(out_dir, later).name} after it); rerun to redo "
+                        "this shard", path=path)
+      break
     problem = shard_problem(out_dir, k)
     if problem is not None:
       raise DataError(f"{path}: {problem}; delete it and rerun to redo this shard", path=path)
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    rows = _read_shard(path)
+    want = list(expected_ids[position:position + len(rows)])
+    for line_no, row in enumerate(rows, 1):
+      if line_no > len(want) or row["id"] != want[line_no - 1]:
+        raise _misplaced(out_dir, path, line_no, row["id"], expected_ids, position + line_no - 1)
+    position += len(rows)
+    yield from rows
+  if position < len(expected_ids):
+    missing = len(expected_ids) - position
+    raise DataError(f"{out_dir}: {missing} ids have no result, e.g. {list(expected_ids[position:position + 3])}",
+                    path=out_dir, field="id")
+
+
+def merge(out_dir: Path, expected_ids: Sequence[str]) -> list[dict]:
+  """All shard results in input order, as one list (see `merged`, which streams them)."""
+  return list(merged(out_dir, expected_ids))
+
+
+def _shard_indices(out_dir: Path) -> Iterator[int]:
+  """The index of each shard file in `out_dir`, streamed from the directory listing (not all held)."""
+  with os.scandir(out_dir) as entries:
+    for entry in entries:
+      match = re.fullmatch(r"part-(\d+)\.jsonl", entry.name)
+      if match:
+        yield int(match.group(1))
+
+
+def _read_shard(path: Path) -> list[dict]:
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
       try:
-        row = json.loads(line)
+        rows.append(json.loads(line))
       except json.JSONDecodeError as e:
         raise DataError(f"{path}:{line_no}: not a complete JSON record ({e}); delete the shard and rerun",
                         path=path, line=line_no) from None
-      if row["id"] in seen:
-        raise DataError(f"{path}:{line_no}: id {row['id']!r} appears twice", path=path, line=line_no, field="id")
-      seen.add(row["id"])
-      rows.append(row)
-  missing = [i for i in expected_ids if i not in seen]
-  if missing:
-    raise DataError(f"{out_dir}: {len(missing)} ids have no result, e.g. {missing[:3]}", path=out_dir, field="id")
-  extra = seen.difference(expected_ids)
-  if extra:
-    raise DataError(f"{out_dir}: {len(extra)} results have ids not in the input, e.g. {sorted(extra)[:3]}",
-                    path=out_dir, field="id")
-  order = {i: n for n, i in enumerate(expected_ids)}
-  return sorted(rows, key=lambda r: order[r["id"]])
+  return rows
+
+
+def _misplaced(out_dir: Path, path: Path, line_no: int, found: str, expected_ids: Sequence[str],
+               position: int) -> DataError:
+  """The error for a result whose id is not the input's id at its position. Only on this error path
+  are the earlier ids scanned (one at a time), to say whether the id is a duplicate."""
+  where = f"{path}:{line_no}"
+  if any(expected_ids[i] == found for i in range(min(position, len(expected_ids)))):
+    return DataError(f"{where}: id {found!r} appears twice", path=path, line=line_no, field="id")
+  if position >= len(expected_ids):
+    return DataError(f"{out_dir}: results have ids not in the input ({len(expected_ids)} records), e.g. "
+                     f"{found!r} at {where}", path=path, line=line_no, field="id")
+  return DataError(f"{where}: id {found!r} where the input has {expected_ids[position]!r}; the input "
+                   "changed since this shard was written; delete the shards and rerun", path=path,
+                   line=line_no, field="id")

@@ -11,7 +11,7 @@ def records(n):
   return [dict(id=f"r{i}", x=i) for i in range(n)]
 
 
-def double(batch):
+def double(batch, first_index=0):
   return [dict(id=r["id"], y=2 * r["x"]) for r in batch]
 
 
@@ -24,7 +24,7 @@ def test_every_record_is_processed_once_in_order(tmp_path):
 def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
   calls = []
 
-  def dies_on_third_shard(batch):
+  def dies_on_third_shard(batch, first_index):
     calls.append(batch[0]["id"])
     if len(calls) == 3:
       raise KeyboardInterrupt  # stands in for a kill between shards
@@ -84,7 +84,7 @@ def test_merge_names_missing_ids(tmp_path):
 
 def test_results_must_match_inputs_one_to_one(tmp_path):
   with pytest.raises(RuntimeError, match="shard 0: results do not match"):
-    shards.run(records(4), lambda b: double(b)[:-1], tmp_path, shard_size=4, progress=False)
+    shards.run(records(4), lambda b, first_index: double(b)[:-1], tmp_path, shard_size=4, progress=False)
 
 
 def test_a_full_disk_while_writing_a_shard_keeps_the_finished_ones_and_leaves_no_partial_file(
@@ -124,3 +124,43 @@ def test_a_full_disk_while_rewriting_a_file_keeps_its_previous_version(tmp_path,
     shards.write_json_atomic(path, {"stage": "augment", "version": 2})
   assert json.loads(path.read_text())["version"] == 1
   assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_merge_names_a_missing_shard_between_finished_ones(tmp_path):
+  shards.run(records(15), double, tmp_path, shard_size=5, progress=False)
+  (tmp_path / "part-00001.jsonl").unlink()
+  with pytest.raises(DataError, match=r"part-00001.jsonl: missing \(found part-00002.jsonl after it\)"):
+    shards.merge(tmp_path, [r["id"] for r in records(15)])
+
+
+def test_each_batch_comes_with_the_input_index_of_its_first_record(tmp_path):
+  starts = []
+  shards.run(records(23), lambda batch, first_index: starts.append(first_index) or double(batch), tmp_path,
+             shard_size=5, process_index=1, process_count=2, progress=False)
+  assert starts == [5, 15]
+
+
+class CountingIds:
+  """Input ids that record the largest slice asked for at once."""
+
+  def __init__(self, ids):
+    self.ids, self.largest = ids, 0
+
+  def __len__(self):
+    return len(self.ids)
+
+  def __getitem__(self, index):
+    got = self.ids[index]
+    self.largest = max(self.largest, len(got) if isinstance(index, slice) else 1)
+    return got
+
+
+def test_merged_streams_one_shard_at_a_time(tmp_path):
+  shards.run(records(23), double, tmp_path, shard_size=5, progress=False)
+  ids = CountingIds([r["id"] for r in records(23)])
+  stream = shards.merged(tmp_path, ids)
+  assert [next(stream)["y"] for _ in range(5)] == [0, 2, 4, 6, 8]  # the first shard, before any other is read
+  (tmp_path / "part-00004.jsonl").unlink()  # a later shard lost while the first is consumed is still caught
+  with pytest.raises(DataError, match="3 ids have no result"):
+    list(stream)
+  assert ids.largest == 5  # the input's ids were read a shard's slice at a time

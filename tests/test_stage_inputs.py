@@ -36,14 +36,14 @@ def workdir_with_segments(tmp_path, n=20):
 
 def test_a_checked_dataset_reads_typed_records_by_index(tmp_path):
   segments = workdir_with_segments(tmp_path).read_dataset("prepare_corpus", artifacts.SEGMENTS, Segment)
-  assert len(segments) == 20 and segments.ids == [f"s{i}" for i in range(20)]
+  assert len(segments) == 20 and list(segments.ids) == [f"s{i}" for i in range(20)]
   assert segments[8:10] == [Segment(id="s8", doc_id="d8", header="", text="text 8"),
                             Segment(id="s9", doc_id="d9", header="", text="text 9")]
 
 
 def test_each_process_reads_only_the_records_of_its_own_shards(tmp_path):
   segments = CountingView(workdir_with_segments(tmp_path).read_dataset("prepare_corpus", artifacts.SEGMENTS, Segment))
-  work = lambda batch: [dict(id=s.id) for s in batch]
+  work = lambda batch, first_index: [dict(id=s.id) for s in batch]
   shards.run(segments, work, tmp_path / "out", shard_size=4, process_index=1, process_count=2, progress=False)
   assert segments.read == [4, 5, 6, 7, 12, 13, 14, 15]  # shards 1 and 3 of 0..4
 

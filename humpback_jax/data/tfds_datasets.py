@@ -1,8 +1,9 @@
 """Artifacts of the method as versioned TFDS datasets in `array_record` files, read without TensorFlow.
 
 Every stage writes its output (seed pairs, corpus segments, candidate pairs, curated sets) as
-`<data_dir>/<name>/<version>/` through a small `GeneratorBasedBuilder`, and reads it back through
-TFDS's random-access `array_record` data source. Order is preserved (`disable_shuffling=True`), so
+`<data_dir>/<name>/<version>/`, streamed through tfds' `SequentialWriter` (a batch of records in
+memory at a time; a `GeneratorBasedBuilder` buffers up to 1 GB of examples before its first file),
+and reads it back through TFDS's random-access `array_record` data source. Order is preserved, so
 record i on disk is the i-th record written. `tfds.dataset_builders.store_as_tfds_dataset` is not used:
 in tfds 4.9.10 it touches `tf.data` and fails when TensorFlow is absent.
 """
@@ -11,11 +12,11 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import sequential_writer
 
 from humpback_jax import quiet
 from humpback_jax.errors import DataError
@@ -32,31 +33,6 @@ def features_for(fields: Iterable[str]) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict({
       f: tfds.features.Scalar(np.float32) if f in _OPTIONAL_FLOATS else tfds.features.Text()
       for f in fields})
-
-
-class _RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Writes one `train` split from an iterable of dicts; name and version are given per instance."""
-
-  def __init__(self, *, name: str, version: str, fields: tuple[str, ...], records: Iterable[dict],
-               description: str, **kwargs):
-    self.name = name
-    self.VERSION = tfds.core.Version(version)  # pylint: disable=invalid-name
-    self._fields = fields
-    self._records = records
-    self._description = description
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, description=self._description,
-                                 features=features_for(self._fields), disable_shuffling=True)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples()}
-
-  def _generate_examples(self):
-    for index, record in enumerate(self._records):
-      yield index, _checked_record(record, self._fields, self.name, index)
 
 
 def _checked_record(record: Mapping, fields: tuple[str, ...], name: str, index: int) -> dict:
@@ -82,23 +58,55 @@ def _checked_record(record: Mapping, fields: tuple[str, ...], name: str, index: 
   return checked
 
 
+RECORDS_PER_FILE = 100_000  # array_record files of a split; any size reads alike
+_RECORDS_PER_WRITE = 1_000  # records serialized per call: what the writer holds at once
+
+
 def _write(records: Iterable[dict], data_dir, name: str, version: str, fields: tuple[str, ...],
-           description: str, overwrite: bool) -> str:
-  builder = _RecordsBuilder(name=name, version=version, fields=fields, records=records,
-                            description=description, data_dir=os.fspath(data_dir),
-                            file_format="array_record")
-  if builder.is_prepared():
-    # tfds would silently keep the old files; an artifact version is replaced only when asked.
-    if not overwrite:
-      raise FileExistsError(f"{builder.data_dir}: dataset {name!r} version {version} already exists; "
-                            "write a new version, pass overwrite=True or delete that directory")
-    shutil.rmtree(builder.data_dir)
-    builder = _RecordsBuilder(name=name, version=version, fields=fields, records=records,
-                              description=description, data_dir=os.fspath(data_dir),
-                              file_format="array_record")
-  with tempfile.TemporaryDirectory() as download_dir, quiet.third_party():  # download folder out of data_dir
-    builder.download_and_prepare(download_dir=download_dir)
-  return os.fspath(builder.data_dir)
+           description: str, overwrite: bool) -> str | None:
+  """Streams `records` into `<data_dir>/<name>/<version>`, a batch at a time, never the whole set
+  in memory. Written beside the final folder and renamed into place, so readers never see a partial
+  version. No records: nothing is written (tfds holds no empty split) and None is returned."""
+  final = os.path.join(os.fspath(data_dir), name, version)
+  if os.path.exists(os.path.join(final, "dataset_info.json")) and not overwrite:
+    raise FileExistsError(f"{final}: dataset {name!r} version {version} already exists; "
+                          "write a new version, pass overwrite=True or delete that directory")
+  tmp = f"{final}.incomplete-{os.getpid()}"  # not a version name: readers skip it
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    with quiet.third_party():
+      count = _write_split(records, tmp, name, version, fields, description)
+    if os.path.exists(final):  # overwrite, or a folder that holds no complete version
+      shutil.rmtree(final)
+    if count:
+      os.rename(tmp, final)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return final if count else None
+
+
+def _write_split(records: Iterable[dict], folder: str, name: str, version: str, fields: tuple[str, ...],
+                 description: str) -> int:
+  """Writes the `train` split in input order with tfds' SequentialWriter; returns the record count."""
+  identity = tfds.core.DatasetIdentity(name=name, version=tfds.core.Version(version), data_dir=folder,
+                                       module_name=__name__)
+  info = tfds.core.DatasetInfo(builder=identity, description=description, features=features_for(fields),
+                               disable_shuffling=True)
+  writer = sequential_writer.SequentialWriter(info, max_examples_per_shard=RECORDS_PER_FILE,
+                                              file_format="array_record")
+  writer.initialize_splits(["train"])
+  batch, count = [], 0
+  for index, record in enumerate(records):
+    batch.append(_checked_record(record, fields, name, index))
+    count += 1
+    if len(batch) == _RECORDS_PER_WRITE:
+      writer.add_examples({"train": batch})
+      batch = []
+  if batch:
+    writer.add_examples({"train": batch})
+  writer.close_all()
+  return count
 
 
 def write_pairs_dataset(records: Iterable[dict], data_dir, name: str, version: str = "1.0.0",

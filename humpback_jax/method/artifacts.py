@@ -8,12 +8,13 @@ the run with a message naming the file and what differs; nothing is used uncheck
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Iterable, TypeVar
+from typing import Iterable, Iterator, TypeVar
 
 from humpback_jax import shards
 from humpback_jax.data.corpus import Segment  # the corpus's own record: a kept segment
@@ -113,26 +114,47 @@ def dataset_digest(data_dir: Path, name: str) -> dict:
 
 
 def _records_digest(data_dir: Path, name: str):
-  """The digest, the random-access source and the ids in order: one streaming pass, no rows kept."""
+  """The digest and the random-access source: one streaming pass, no record kept."""
   from humpback_jax.data import tfds_datasets
-  h, ids = hashlib.sha256(), []
+  h, records = hashlib.sha256(), 0
   source = tfds_datasets.read_dataset(data_dir, name)
   for row in source:
     h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode() + b"\n")
-    ids.append(row["id"])
-  return dict(dataset=f"datasets/{name}", records=len(ids), sha256=h.hexdigest()), source, ids
+    records += 1
+  return dict(dataset=f"datasets/{name}", records=records, sha256=h.hexdigest()), source
+
+
+class DatasetIds(collections.abc.Sequence):
+  """The ids of a dataset's records in order, each read from the dataset when asked (never all held)."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"record {index} of {len(self)}")
+    return self._source[index % len(self)]["id"]
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
 
 
 class DatasetView:
   """A checked tfds dataset read by index: records typed as `cls` (fields outside it left out),
-  loaded only when asked, so a process reads just its own shards; `ids` in order."""
+  loaded only when asked, so a process reads just its own shards; `ids` the same way."""
 
-  def __init__(self, source, ids: list[str], cls: type[Record], where: str):
-    self._source, self.ids, self._cls, self._where = source, ids, cls, where
+  def __init__(self, source, cls: type[Record], where: str):
+    self._source, self._cls, self._where = source, cls, where
     self._fields = [f.name for f in dataclasses.fields(cls)]
+    self.ids = DatasetIds(source)
 
   def __len__(self) -> int:
-    return len(self.ids)
+    return len(self._source)
 
   def __getitem__(self, index):
     if isinstance(index, slice):
@@ -179,9 +201,8 @@ def write_records(path: Path, records: Iterable) -> dict:
   return shards.digest(path)
 
 
-def read_records(path: Path, cls: type[Record]) -> list[Record]:
-  """Every record of a JSONL artifact, typed; a torn or malformed line names the file and line."""
-  out = []
+def iter_records(path: Path, cls: type[Record]) -> Iterator[Record]:
+  """The records of a JSONL artifact, typed, one at a time; a torn or malformed line names the file and line."""
   with open(path, "rb") as f:
     for line_no, raw in enumerate(f, 1):
       if not raw.strip():
@@ -194,8 +215,12 @@ def read_records(path: Path, cls: type[Record]) -> list[Record]:
                         "delete its stage folder and rerun", path=path, line=line_no) from None
       if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object", path=path, line=line_no)
-      out.append(from_dict(cls, row, where))
-  return out
+      yield from_dict(cls, row, where)
+
+
+def read_records(path: Path, cls: type[Record]) -> list[Record]:
+  """Every record of a JSONL artifact, typed (see `iter_records`)."""
+  return list(iter_records(path, cls))
 
 
 # ---------------------------------------------------------------------------- manifests
@@ -255,22 +280,26 @@ class Workdir:
                       f"--from={writer}", path=path)
     return outputs[name]
 
-  def read(self, writer: str, name: str, cls: type[Record]) -> list[Record]:
-    """The records of `writer`'s output `name`, after checking them against its manifest."""
+  def checked(self, writer: str, name: str) -> Path:
+    """The path of `writer`'s output `name`, after checking the file against its manifest."""
     path = self.stage(writer) / name
     check_file(path, self._recorded(writer, name), writer)
-    return read_records(path, cls)
+    return path
+
+  def read(self, writer: str, name: str, cls: type[Record]) -> list[Record]:
+    """The records of `writer`'s output `name`, after checking them against its manifest."""
+    return read_records(self.checked(writer, name), cls)
 
   def read_dataset(self, writer: str, name: str, cls: type[Record]) -> DatasetView:
     """The tfds dataset `writer` prepared, checked against its manifest in one streaming pass, as a
     view whose records load by index (never the whole dataset in memory)."""
     recorded = self._recorded(writer, name)
-    found, source, ids = _records_digest(self.root / "datasets", name)
+    found, source = _records_digest(self.root / "datasets", name)
     if (found["records"], found["sha256"]) != (recorded.get("records"), recorded.get("sha256")):
       raise DataError(f"{self.root / found['dataset']}: holds {found['records']} records (sha256 "
                       f"{found['sha256'][:12]}), but the {writer} manifest records {recorded.get('records')} (sha256 "
                       f"{str(recorded.get('sha256'))[:12]}); rerun with --from={writer}", path=self.root / found["dataset"])
-    return DatasetView(source, ids, cls, str(self.root / found["dataset"]))
+    return DatasetView(source, cls, str(self.root / found["dataset"]))
 
   def model(self, writer: str) -> Path:
     """`writer`'s model folder, after checking every file against its manifest."""

@@ -10,6 +10,7 @@ Two modes, both storing a per-candidate score so any threshold can be applied la
 from __future__ import annotations
 
 import math
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -86,19 +87,29 @@ def _score_key(mode: str) -> str:
   return "expected_score" if mode == "expected" else "score"
 
 
-def threshold(scored: list[Score], k: float, mode: str, keep_top_fraction: float = 1.0) -> float:
+def threshold(scored: Iterable[Score], k: float, mode: str, keep_top_fraction: float = 1.0) -> float:
   """The score a candidate needs: k, raised to the score of the best `keep_top_fraction` of the scored
   candidates when that is higher (ties at the cut are all kept). 1.0 is the paper's absolute k."""
+  key = _score_key(mode)
+  return threshold_of_values([getattr(s, key) for s in scored if getattr(s, key) is not None], k, keep_top_fraction)
+
+
+def threshold_of_values(values: Sequence[float], k: float, keep_top_fraction: float = 1.0) -> float:
+  """`threshold` from the scored candidates' values alone (any order): what a streamed curation keeps."""
   if not 0 < keep_top_fraction <= 1:
     raise ConfigError(f"pipeline.keep_top_fraction: must be in (0, 1], got {keep_top_fraction}")
-  key = _score_key(mode)
-  values = sorted((getattr(s, key) for s in scored if getattr(s, key) is not None), reverse=True)
-  if keep_top_fraction == 1 or not values:
+  if keep_top_fraction == 1 or not len(values):
     return k
+  values = sorted(values, reverse=True)
   return max(k, values[math.ceil(keep_top_fraction * len(values)) - 1])
 
 
-def selected(scored: list[Score], k: float, mode: str) -> set[str]:
-  """Ids kept at threshold k: score >= k (generate mode) or expected score >= k (expected mode)."""
-  key = _score_key(mode)
-  return {s.id for s in scored if getattr(s, key) is not None and getattr(s, key) >= k}
+def passes(score: Score, k: float, mode: str) -> bool:
+  """Whether one candidate is kept at threshold k: score >= k (generate mode) or expected score >= k."""
+  value = getattr(score, _score_key(mode))
+  return value is not None and value >= k
+
+
+def selected(scored: Iterable[Score], k: float, mode: str) -> set[str]:
+  """Ids kept at threshold k (see `passes`)."""
+  return {s.id for s in scored if passes(s, k, mode)}

@@ -63,7 +63,7 @@ class Run:
     self.hash = config_hash(cfg)
     ablations.check(cfg)
     self._outputs: dict = {}
-    self._stored_scores: dict = {}  # curate stage -> its checked scores, when only the selection changed
+    self._reselecting: set = set()  # curate stages whose stored scores were checked: only the selection changed
 
   # ------------------------------------------------------------------ bookkeeping
 
@@ -116,7 +116,8 @@ class Run:
     """Forgets a finished stage: when it only re-selects, its manifest (its scores are kept, checked,
     for the new selection); else its whole folder (training would resume from old checkpoints)."""
     if reselect:
-      self._stored_scores[name] = self.artifacts.read(name, artifacts.SCORES, artifacts.Score)
+      self.artifacts.checked(name, artifacts.SCORES)  # read again, streamed, once the manifest is gone
+      self._reselecting.add(name)
     distributed.barrier(f"{name}_read_before_invalidate")
     if jax.process_index() == 0:
       if reselect:
@@ -212,26 +213,36 @@ class Run:
     return engines.engine(self.cfg, self.cfg.model, self._model_params(stage), self.layout)
 
   def _augment(self, name):
-    # A view: each process loads only the segments of its own shards; ids are all in memory (the merge needs them).
+    # Streams end to end: each process loads only the segments of its own shards (a view), and process 0
+    # merges the shards one at a time into the candidates file and dataset; no step holds the corpus.
     segments = self.artifacts.read_dataset("prepare_corpus", artifacts.SEGMENTS, Segment)
     engine = self._engine("train_backward")
-    offsets = {segment_id: i for i, segment_id in enumerate(segments.ids)}
-    work = lambda batch: backtranslate.augment(engine, self.tokenizer, self.cfg, batch, offsets[batch[0].id])
+    work = lambda batch, first: backtranslate.augment(engine, self.tokenizer, self.cfg, batch, first)
     timing = self._sharded(name, segments, work)
-    rows = [artifacts.from_dict(Candidate, r, f"{self.dir(name)}/{artifacts.SHARDS}")
-            for r in shards.merge(self.dir(name) / artifacts.SHARDS, segments.ids)]
-    candidates = [r for r in rows if r.instruction]
-    self._write(name, artifacts.CANDIDATES, candidates)
-    sources.write_dataset([artifacts.as_dict(c) for c in candidates], self.workdir / "datasets",
-                          artifacts.CANDIDATES_DATASET, kind="pairs")
-    if jax.process_index() == 0 and candidates:
-      self._outputs[artifacts.CANDIDATES_DATASET] = artifacts.dataset_digest(self.workdir / "datasets",
-                                                                             artifacts.CANDIDATES_DATASET)
+    counts = dict(segments=len(segments))
+    if jax.process_index() == 0:
+      statuses = dict.fromkeys(("ok", "empty", "skipped"), 0)
+      self._write(name, artifacts.CANDIDATES, self._candidates(name, segments.ids, statuses))
+      counts.update(candidates=self._outputs[artifacts.CANDIDATES]["records"], **statuses)
+      self._write_dataset(name, artifacts.CANDIDATES, Candidate, artifacts.CANDIDATES_DATASET)
     distributed.barrier(f"{name}_dataset")  # curate reads it on every process
-    statuses = {s: sum(r.status == s for r in rows) for s in ("ok", "empty", "skipped")}
-    return dict(segments=len(segments), candidates=len(candidates), **statuses, **timing,
-                tokens_per_s=engine.stats.tokens_per_second, compiles=engine.stats.compiles,
+    return dict(counts, **timing, tokens_per_s=engine.stats.tokens_per_second, compiles=engine.stats.compiles,
                 padding_share=engine.stats.padding_share)
+
+  def _candidates(self, name, segment_ids, statuses: dict):
+    """Streams the merged shards' candidate pairs (those with an instruction), counting each status."""
+    where = f"{self.dir(name)}/{artifacts.SHARDS}"
+    for row in shards.merged(self.dir(name) / artifacts.SHARDS, segment_ids):
+      candidate = artifacts.from_dict(Candidate, row, where)
+      statuses[candidate.status] += 1
+      if candidate.instruction:
+        yield candidate
+
+  def _write_dataset(self, stage, file_name, cls, dataset):
+    """Streams the stage's JSONL output `file_name` into tfds dataset `dataset` (process 0), noting its digest."""
+    rows = (artifacts.as_dict(r) for r in artifacts.iter_records(self.dir(stage) / file_name, cls))
+    if sources.write_dataset(rows, self.workdir / "datasets", dataset, kind="pairs") is not None:
+      self._outputs[dataset] = artifacts.dataset_digest(self.workdir / "datasets", dataset)
 
   def _curate(self, name):
     t = int(name.removeprefix("curate_m"))
@@ -240,44 +251,52 @@ class Run:
                   if self.artifacts.finished("augment")["counts"]["candidates"] else [])
     c, sel = self.cfg.pipeline, selection.of(self.cfg)
     judged = dict(judged=False)
-    if sel is None:  # the uncurated control: seed + all of A, no judge
-      scored = []
-    elif name in self._stored_scores:  # judged under this same config: only the selection changed
-      scored = self._stored_scores.pop(name)
-    else:
-      scored, judged = self._judge(name, t, candidates)
-    kept, k = selection.select(candidates, scored, sel)
-    score_of = {s.id: selection.value(s, c.curation_mode) for s in scored}
-    curated = [CuratedPair(id=r.id, instruction=r.instruction, output=r.output, score=score_of.get(r.id),
-                           header=r.header) for r in kept]
-    self._write(name, artifacts.SCORES, scored)
-    self._write(name, artifacts.CURATED, curated)
-    sources.write_dataset([artifacts.as_dict(r) for r in curated], self.workdir / "datasets", f"curated_{t + 1}",
-                          kind="pairs")
-    values = sorted(v for v in score_of.values() if v is not None)
+    if sel is not None and name not in self._reselecting:
+      judged = self._judge(name, t, candidates)
+    counts = dict(candidates=len(candidates), threshold_k=c.threshold_k, keep_top_fraction=c.keep_top_fraction,
+                  mode=c.curation_mode)
+    if jax.process_index() == 0:
+      counts.update(self._select(name, t, candidates, sel, rescore=judged["judged"]))
+    return dict(counts, **judged)
+
+  def _select(self, name, t, candidates, sel, rescore: bool) -> dict:
+    """Process 0: writes the scores (merged from the judge's shards, or kept as stored when only the
+    selection changed) and the curated pairs at the selection's threshold, streaming both; holds one
+    float per scored candidate (the top-fraction cut needs them all), never the scores or pairs."""
+    mode, scores_path = self.cfg.pipeline.curation_mode, self.dir(name) / artifacts.SCORES
+    if rescore:
+      where = f"{self.dir(name)}/{artifacts.SHARDS}"
+      self._write(name, artifacts.SCORES, (artifacts.from_dict(artifacts.Score, r, where)
+                                           for r in shards.merged(self.dir(name) / artifacts.SHARDS, candidates.ids)))
+    elif sel is None:  # the uncurated control: seed + all of A, no judge
+      self._write(name, artifacts.SCORES, [])
+    else:  # judged under this same config, checked in _invalidate: only the selection changed
+      self._outputs[artifacts.SCORES] = shards.digest(scores_path)
+    scores = lambda: artifacts.iter_records(scores_path, artifacts.Score)
+    values = sorted(v for s in scores() if (v := selection.value(s, mode)) is not None)
+    unparsable = sum(s.score is None for s in scores())
+    k = None if sel is None else curate.threshold_of_values(values, sel["threshold_k"], sel["keep_top_fraction"])
+    kept = selection.kept(candidates, scores() if sel else None, sel, k)
+    self._write(name, artifacts.CURATED, (CuratedPair(id=r.id, instruction=r.instruction, output=r.output, score=v,
+                                                      header=r.header) for r, v in kept))
+    curated = self._outputs[artifacts.CURATED]["records"]
+    self._write_dataset(name, artifacts.CURATED, CuratedPair, f"curated_{t + 1}")
     spread = dict(score_min=values[0], score_median=values[len(values) // 2], score_max=values[-1]) if values else {}
-    if candidates and not curated:  # say it loudly: the next model would silently train on the seed alone
-      seen = f"{c.curation_mode} scores {values[0]:.2f}-{values[-1]:.2f}" if values else "no candidate was scored"
-      print(f"[{name}] warning: no candidate reached threshold_k={c.threshold_k} ({seen}); "
+    if len(candidates) and not curated:  # say it loudly: the next model would silently train on the seed alone
+      seen = f"{mode} scores {values[0]:.2f}-{values[-1]:.2f}" if values else "no candidate was scored"
+      print(f"[{name}] warning: no candidate reached threshold_k={self.cfg.pipeline.threshold_k} ({seen}); "
             f"train_m{t + 1} trains on the seed alone", file=sys.stderr)
-    return dict(candidates=len(candidates), curated=len(curated), threshold_k=c.threshold_k,
-                keep_top_fraction=c.keep_top_fraction, threshold_used=k, mode=c.curation_mode,
-                unparsable=sum(s.score is None for s in scored), **spread, **judged)
+    return dict(curated=curated, threshold_used=k, unparsable=unparsable, **spread)
 
   def _judge(self, name, t, candidates):
-    """Every candidate's score from M_t (resumable shards); returns (scores, judge counts)."""
+    """Every candidate's score from M_t, in resumable shards on every process; returns the judge's counts."""
     engine = self._engine(f"train_m{t}")
-    offsets = {r.id: i for i, r in enumerate(candidates)}
     if self.cfg.pipeline.curation_mode == "expected":
-      work = lambda batch: curate.score_candidates_by_expectation(engine, self.tokenizer, self.cfg, batch)
+      work = lambda batch, first: curate.score_candidates_by_expectation(engine, self.tokenizer, self.cfg, batch)
     else:
-      work = lambda batch: curate.score_candidates_by_generation(engine, self.tokenizer, self.cfg, batch,
-                                                                 offsets[batch[0].id])
+      work = lambda batch, first: curate.score_candidates_by_generation(engine, self.tokenizer, self.cfg, batch, first)
     timing = self._sharded(name, candidates, work)
-    scored = [artifacts.from_dict(artifacts.Score, r, f"{self.dir(name)}/{artifacts.SHARDS}")
-              for r in shards.merge(self.dir(name) / artifacts.SHARDS, [r.id for r in candidates])]
-    return scored, dict(judged=True, **timing, tokens_per_s=engine.stats.tokens_per_second,
-                        compiles=engine.stats.compiles)
+    return dict(judged=True, **timing, tokens_per_s=engine.stats.tokens_per_second, compiles=engine.stats.compiles)
 
   def _sharded(self, name, records, work):
     """Runs `work` over this process's shards, then waits for every process (the merge reads all)."""

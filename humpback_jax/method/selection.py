@@ -7,10 +7,13 @@ The score a threshold compares is the parsed score in `generate` mode and the ex
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from typing import Iterable, Iterator
 
 import numpy as np
 
+from humpback_jax.errors import DataError
 from humpback_jax.method import curate
 from humpback_jax.method.artifacts import Candidate, Score
 
@@ -41,13 +44,27 @@ def value(score: Score, mode: str) -> float | None:
   return None if v is None else float(v)
 
 
+def kept(candidates: Iterable[Candidate], scored: Iterable[Score] | None, sel: dict | None,
+         k: float | None) -> Iterator[tuple[Candidate, float | None]]:
+  """Streams (candidate, the value it was kept on) for those a selection keeps at threshold k, in
+  candidate order. `scored` holds one score per candidate in the same order (None: the uncurated
+  control keeps all); they are read side by side, one pair at a time."""
+  if sel is None:
+    yield from ((c, None) for c in candidates)
+    return
+  for c, s in itertools.zip_longest(candidates, scored):
+    if c is None or s is None or c.id != s.id:
+      got, want = (None if s is None else s.id), (None if c is None else c.id)
+      raise DataError(f"scores and candidates differ: score of {got!r} beside candidate {want!r}; "
+                      "the scores were written for other candidates; rerun the curate stage (--from)", field="id")
+    if curate.passes(s, k, sel["mode"]):
+      yield c, value(s, sel["mode"])
+
+
 def select(candidates: list[Candidate], scored: list[Score], sel: dict | None) -> tuple[list[Candidate], float | None]:
   """(the candidates kept, in candidate order; the threshold used) for a selection."""
-  if sel is None:
-    return list(candidates), None
-  k = curate.threshold(scored, sel["threshold_k"], sel["mode"], sel["keep_top_fraction"])
-  keep = curate.selected(scored, k, sel["mode"])
-  return [r for r in candidates if r.id in keep], k
+  k = None if sel is None else curate.threshold(scored, sel["threshold_k"], sel["mode"], sel["keep_top_fraction"])
+  return [c for c, _ in kept(candidates, scored, sel, k)], k
 
 
 def histogram(scored: list[Score], mode: str) -> dict:

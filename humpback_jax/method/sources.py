@@ -3,6 +3,7 @@ the versioned tfds datasets every artifact is also written as."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
 
 import jax
@@ -32,7 +33,7 @@ def prepare_corpus_dataset(cfg, data_dir: Path) -> dict:
   else:
     kept, report = corpus.prepare_local(source, cfg.corpus)
     if report["kept"]:
-      write_dataset([dataclasses.asdict(s) for s in kept], data_dir, "segments", kind="segments")
+      write_dataset((dataclasses.asdict(s) for s in kept), data_dir, "segments", kind="segments")
   if jax.process_index() == 0 and not report["kept"]:
     what = "the corpus is empty (no segments found" if not report["input"] else "no segment passed the filters ("
     raise DataError(f"{d.corpus_path or d.corpus_tfds_name}: {what}; config field {field}; "
@@ -49,18 +50,20 @@ def pretraining_texts(cfg) -> list[str]:
   return texts + [r["output"] for r in rows]
 
 
-def write_dataset(rows: list[dict], data_dir: Path, name: str, kind: str) -> None:
-  """Writes an artifact as a versioned tfds dataset (array_record), from process 0 only.
+def write_dataset(rows: Iterable[dict], data_dir: Path, name: str, kind: str) -> Path | None:
+  """Streams an artifact into a versioned tfds dataset (array_record) from process 0 only; returns its
+  folder, None elsewhere or when there are no rows (tfds holds no empty split; the JSONL artifact can).
 
   A stage that runs again (after --from) rewrites its own version in place.
   """
-  if jax.process_index() != 0 or not rows:  # tfds cannot hold an empty split; the JSONL artifact can
-    return
+  if jax.process_index() != 0:
+    return None
   if kind == "pairs":
-    tfds_datasets.write_pairs_dataset(
-        [dict(id=r["id"], instruction=r["instruction"], output=r["output"], source=r.get("source", name),
-              score=r.get("score"), header=r.get("header")) for r in rows], data_dir, name, overwrite=True)
+    path = tfds_datasets.write_pairs_dataset(
+        (dict(id=r["id"], instruction=r["instruction"], output=r["output"], source=r.get("source", name),
+              score=r.get("score"), header=r.get("header")) for r in rows), data_dir, name, overwrite=True)
   else:
-    tfds_datasets.write_segments_dataset(
-        [dict(id=r["id"], doc_id=r["doc_id"], header=r.get("header") or "", text=r["text"]) for r in rows],
+    path = tfds_datasets.write_segments_dataset(
+        (dict(id=r["id"], doc_id=r["doc_id"], header=r.get("header") or "", text=r["text"]) for r in rows),
         data_dir, name, overwrite=True)
+  return None if path is None else Path(path)
