@@ -1,6 +1,8 @@
 """What a run prints: our own lines and one progress bar per stage. Third-party chatter (tfds'
-"Downloading and preparing dataset", its nested progress bars, absl warnings) shows only with
+"Downloading and preparing dataset", its nested progress bars, absl's log lines) shows only with
 `humpback --verbose`, which sets HUMPBACK_VERBOSE=1 so that restarted and launched processes agree.
+libtpu's start-up errors on a host without TPU chips never show: JAX is pinned to the CPU there
+(see xla_flags.pin_cpu_without_accelerator).
 """
 from __future__ import annotations
 
@@ -25,7 +27,13 @@ def configure(verbose_output: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   level = logging.INFO if verbose_output else logging.ERROR
   for name in ("absl", "tensorflow_datasets"):
-    logging.getLogger(name).setLevel(level)
+    logger = logging.getLogger(name)
+    logger.setLevel(level)
+    if verbose_output and not logger.handlers:
+      # Python shows no INFO line without a handler; verbose means their INFO lines too
+      handler = logging.StreamHandler()
+      handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+      logger.addHandler(handler)
 
 
 @contextlib.contextmanager

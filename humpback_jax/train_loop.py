@@ -52,8 +52,9 @@ def checkpoint_manager(workdir: Path, every: int, keep: int) -> ocp.CheckpointMa
 
 
 def run(model_cfg, train_cfg, layout: sharding.Layout, loader, init_params, workdir: Path, *,
-        total_steps: int, seq_len: int, progress: bool = True) -> dict:
+        total_steps: int, seq_len: int, progress: bool = True, desc: str = "train") -> dict:
   """Trains for `total_steps`, resuming from the newest checkpoint in `workdir`; returns final params and a summary.
+  The progress bar is labelled `desc` (a pipeline stage's name).
 
   `loader` yields this process's rows of each global batch and has get_state()/set_state();
   `init_params()` is called only when there is nothing to resume.
@@ -65,7 +66,7 @@ def run(model_cfg, train_cfg, layout: sharding.Layout, loader, init_params, work
   manager = checkpoint_manager(workdir, train_cfg.checkpoint_every, train_cfg.keep_checkpoints)
   state, start = _restore_or_init(manager, fns, loader, init_params)
   log = metrics_log.MetricsLog(workdir)
-  bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress or jax.process_index() != 0,
+  bar = tqdm(total=total_steps, initial=start, desc=desc, unit="step", disable=not progress or jax.process_index() != 0,
              dynamic_ncols=True)
   window_tokens, window_start = 0.0, time.perf_counter()
   peak = chips.peak_flops(jax.devices()[0].device_kind, train_cfg.peak_flops)  # per device, for MFU

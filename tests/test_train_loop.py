@@ -24,17 +24,19 @@ def loader():
   return sft.SFTLoader(examples(), seq_len=32, batch_size=8, seed=0)
 
 
-def run(workdir, steps=6, loader_=None, **train_overrides):
+def run(workdir, steps=6, loader_=None, progress=False, desc="train", **train_overrides):
   cfg = tiny_config()
   lay = layout()
   tc = common.train_config(**{**dict(checkpoint_every=2, log_every=1, learning_rate=1e-3,
                                      end_learning_rate=1e-3), **train_overrides})
   return train_loop.run(cfg, tc, lay, loader_ or loader(), lambda: build.init_params(cfg, lay, seed=0),
-                        workdir, total_steps=steps, seq_len=32, progress=False)
+                        workdir, total_steps=steps, seq_len=32, progress=progress, desc=desc)
 
 
-def test_a_run_writes_metrics_events_and_a_loss_curve(tmp_path):
-  result = run(tmp_path)
+def test_a_run_writes_metrics_events_a_loss_curve_and_a_progress_bar_named_for_its_stage(tmp_path, capfd):
+  result = run(tmp_path, progress=True, desc="train_m0")  # one training run (compiles are slow) for all four
+  bar = capfd.readouterr().err.replace("\r", "\n").splitlines()
+  assert any(line.startswith("train_m0: 100%") for line in bar) and not any(line.startswith("train:") for line in bar)
   assert np.isfinite(result["final_loss"])
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 6 and all(k in lines[0] for k in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu"))

@@ -46,3 +46,18 @@ def test_jax_platforms_cpu_applies_them_even_beside_an_accelerator():
   env = {"JAX_PLATFORMS": "cpu"}
   xla_flags.apply_cpu_defaults(env, accelerator_files=(__file__,))
   assert env["XLA_FLAGS"].split() == list(xla_flags.CPU_FLAGS)
+
+
+def test_a_machine_without_accelerators_pins_jax_to_the_cpu():
+  env = {}
+  xla_flags.pin_cpu_without_accelerator(env, accelerator_files=())
+  assert env["JAX_PLATFORMS"] == "cpu"
+
+
+def test_an_accelerator_or_the_users_choice_leaves_jax_platforms_alone():
+  env = {}
+  xla_flags.pin_cpu_without_accelerator(env, accelerator_files=(__file__,))  # a device file that exists
+  assert "JAX_PLATFORMS" not in env
+  env = {"JAX_PLATFORMS": "tpu"}
+  xla_flags.pin_cpu_without_accelerator(env, accelerator_files=())
+  assert env["JAX_PLATFORMS"] == "tpu"

@@ -53,8 +53,9 @@ def lm_examples(tokenizer, texts: Sequence[str], seq_len: int):
 
 
 def run(cfg, layout, tokenizer, examples, *, init_params: Callable[[], dict], workdir: Path,
-        steps: int, batch_size: int, tokenizer_file: Path, progress: bool = True) -> dict:
-  """Trains on tokenised `examples` (resuming inside `workdir`), saves `workdir/model`; returns a summary."""
+        steps: int, batch_size: int, tokenizer_file: Path, progress: bool = True, desc: str = "train") -> dict:
+  """Trains on tokenised `examples` (resuming inside `workdir`), saves `workdir/model`; returns a summary.
+  `desc` labels the progress bar (the stage's name in a pipeline)."""
   t = cfg.train
   train_cfg = t.copy_and_resolve_references()
   with train_cfg.unlocked():
@@ -64,7 +65,7 @@ def run(cfg, layout, tokenizer, examples, *, init_params: Callable[[], dict], wo
                          seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count(),
                          row_multiple=train_cfg.micro_batches * batch_ways(layout), pack_rows=t.pack_rows)
   result = train_loop.run(cfg.model, train_cfg, layout, loader, init_params, workdir,
-                          total_steps=steps, seq_len=t.seq_len, progress=progress)
+                          total_steps=steps, seq_len=t.seq_len, progress=progress, desc=desc)
   model_dir.save(Path(workdir) / "model", result["params"], cfg.model, tokenizer_file=tokenizer_file,
                  chat_template=cfg.tokenizer.chat_template)
   return dict(examples=len(examples), steps=steps, batch_size=batch_size, batching=t.batching,

@@ -162,7 +162,7 @@ class Run:
     summary = finetune.run(cfg, self.layout, self.tokenizer, examples, init_params=init,
                            workdir=self.dir(name), steps=p.steps, batch_size=p.batch_size,
                            tokenizer_file=model_dir.tokenizer_file_of(self.tokenizer_path),
-                           progress=self.progress)
+                           progress=self.progress, desc=name)
     self._note_model(name)
     return summary
 
@@ -187,7 +187,7 @@ class Run:
     summary = finetune.run(self.cfg, self.layout, self.tokenizer, examples, init_params=init_params,
                            workdir=self.dir(name), steps=steps, batch_size=batch,
                            tokenizer_file=model_dir.tokenizer_file_of(self.tokenizer_path),
-                           progress=self.progress)
+                           progress=self.progress, desc=name)
     self._note_model(name)
     return dict(pairs=len(pairs), tokenize=stats.as_dict(), **summary)
 
@@ -266,8 +266,9 @@ class Run:
     mode, scores_path = self.cfg.pipeline.curation_mode, self.dir(name) / artifacts.SCORES
     if rescore:
       where = f"{self.dir(name)}/{artifacts.SHARDS}"
+      ids = candidates.ids if len(candidates) else []  # no candidates: a plain empty list, not a view
       self._write(name, artifacts.SCORES, (artifacts.from_dict(artifacts.Score, r, where)
-                                           for r in shards.merged(self.dir(name) / artifacts.SHARDS, candidates.ids)))
+                                           for r in shards.merged(self.dir(name) / artifacts.SHARDS, ids)))
     elif sel is None:  # the uncurated control: seed + all of A, no judge
       self._write(name, artifacts.SCORES, [])
     else:  # judged under this same config, checked in _invalidate: only the selection changed
