@@ -98,3 +98,14 @@ def test_host_shards_are_contiguous_and_cover_every_record_once(num_records, pro
 def test_host_shard_rejects_a_process_index_out_of_range():
   with pytest.raises(ValueError, match="process_index 2 is not in"):
     tds.host_shard(10, 2, 2)
+
+
+def test_a_version_left_half_written_by_a_killed_writer_is_never_read_and_is_cleared(tmp_path):
+  torn = tmp_path / "segments" / "1.0.0.incomplete-999999"
+  torn.mkdir(parents=True)
+  (torn / "dataset_info.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match="no prepared version"):
+    tds.read_dataset(tmp_path, "segments")
+  tds.write_segments_dataset(SEGMENTS, tmp_path, "segments")
+  assert list(tds.read_dataset(tmp_path, "segments")) == SEGMENTS
+  assert sorted(p.name for p in (tmp_path / "segments").iterdir()) == ["1.0.0"]

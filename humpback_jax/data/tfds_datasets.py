@@ -9,6 +9,7 @@ in tfds 4.9.10 it touches `tf.data` and fails when TensorFlow is absent.
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 import shutil
@@ -71,8 +72,9 @@ def _write(records: Iterable[dict], data_dir, name: str, version: str, fields: t
   if os.path.exists(os.path.join(final, "dataset_info.json")) and not overwrite:
     raise FileExistsError(f"{final}: dataset {name!r} version {version} already exists; "
                           "write a new version, pass overwrite=True or delete that directory")
+  for stale in glob.glob(glob.escape(final) + ".incomplete-*"):  # left by a killed writer
+    shutil.rmtree(stale, ignore_errors=True)
   tmp = f"{final}.incomplete-{os.getpid()}"  # not a version name: readers skip it
-  shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:
     with quiet.third_party():
