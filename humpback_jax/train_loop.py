@@ -70,7 +70,7 @@ def run(model_cfg, train_cfg, layout: sharding.Layout, loader, init_params, work
              dynamic_ncols=True)
   window_tokens, window_start = 0.0, time.perf_counter()
   peak = chips.peak_flops(jax.devices()[0].device_kind, train_cfg.peak_flops)  # per device, for MFU
-  last_loss = float("nan")
+  last_loss = _logged_loss(log.path, start)  # a run resumed at its last step runs none
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   try:
     with _SigtermFlag() as sigterm:
@@ -110,6 +110,11 @@ def run(model_cfg, train_cfg, layout: sharding.Layout, loader, init_params, work
   if jax.process_index() == 0 and log.path.exists():
     metrics_log.plot_loss(log.path, workdir / "loss.png")
   return dict(params=state["params"], final_loss=last_loss, steps=total_steps, resumed_from=start)
+
+
+def _logged_loss(metrics_path: Path, step: int) -> float:
+  """The loss the metrics log holds for `step` (NaN when it holds none)."""
+  return next((float(r["loss"]) for r in metrics_log.read_metrics(metrics_path) if r["step"] == step), float("nan"))
 
 
 def optimizer_lr(train_cfg, total_steps: int, step: int) -> float:

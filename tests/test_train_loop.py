@@ -44,6 +44,12 @@ def test_a_run_writes_metrics_events_a_loss_curve_and_a_progress_bar_named_for_i
   assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
+def test_a_run_resumed_after_its_last_step_reports_that_steps_loss(tmp_path):
+  first = run(tmp_path)
+  again = run(tmp_path)  # e.g. killed while saving the model: every step is already checkpointed
+  assert again["resumed_from"] == 6 and again["final_loss"] == pytest.approx(first["final_loss"])
+
+
 def test_nan_loss_stops_and_names_the_step_and_last_good_checkpoint(tmp_path):
   with pytest.raises(train_loop.TrainingDiverged, match=r"step \d+: loss is (nan|inf).*Last good checkpoint: .*checkpoints/\d+"):
     run(tmp_path, steps=40, learning_rate=1e9, end_learning_rate=1e9, grad_clip=1e30)
