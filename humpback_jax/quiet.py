@@ -10,6 +10,8 @@ import contextlib
 import io
 import logging
 import os
+import sys
+import tempfile
 
 VERBOSE_ENV = "HUMPBACK_VERBOSE"
 
@@ -56,3 +58,32 @@ def third_party():
     tfds.enable_progress_bar()
     for logger, level in zip(loggers, levels):
       logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def worker_processes():
+  """Runs a call that starts worker processes (Beam's DirectRunner) with this process's stdout and
+  stderr file descriptors sent to a temporary file, so the workers' start-up and log lines stay out
+  of the run's output unless verbose. If the call fails, what they wrote is shown (its last 4 KB)."""
+  if verbose():
+    yield
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  saved = [os.dup(1), os.dup(2)]
+  failed = True
+  with tempfile.TemporaryFile() as sink:
+    try:
+      os.dup2(sink.fileno(), 1)
+      os.dup2(sink.fileno(), 2)
+      yield
+      failed = False
+    finally:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      for fd, copy in zip((1, 2), saved):
+        os.dup2(copy, fd)
+        os.close(copy)
+      if failed:
+        sink.seek(max(0, sink.seek(0, os.SEEK_END) - 4096))
+        sys.stderr.write(sink.read().decode("utf-8", "replace"))

@@ -76,11 +76,14 @@ def mixed_corpus(tmp_path):
   return folder
 
 
-def test_local_and_beam_engines_write_identical_segments(tmp_path, mixed_corpus):
+def test_local_and_beam_engines_write_identical_segments(tmp_path, mixed_corpus, capfd):
   local, local_counts = run_corpus_stage(tmp_path, "local", mixed_corpus)
   beam, beam_counts = run_corpus_stage(
       tmp_path, "beam", mixed_corpus, "--config.corpus.engine=beam",
       "--config.corpus.beam_options=--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_threading")
+  out, err = capfd.readouterr()  # quiet (no --verbose): neither tfds' nor Beam's own lines
+  assert not [line for line in (out + err).splitlines() if any(
+      marker in line for marker in ("Downloading and preparing", "Generating splits", "WARNING:", "INFO:"))]
   assert len(local) > 100
   assert [(r["id"], r["text"], r["header"]) for r in beam] == [(r["id"], r["text"], r["header"]) for r in local]
   assert (local_counts.pop("engine"), beam_counts.pop("engine")) == ("local", "beam")

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import tensorflow_datasets as tfds
 
+from humpback_jax import quiet
 from humpback_jax.data import corpus, dedup, documents, tfds_datasets
 from humpback_jax.data.corpus import CorpusSource
 from humpback_jax.errors import ConfigError, DataError
@@ -226,7 +227,7 @@ def prepare_beam(source: CorpusSource, cfg: Mapping, data_dir, name: str = "segm
   if builder.is_prepared():
     shutil.rmtree(builder.data_dir)
     builder = make()
-  with tempfile.TemporaryDirectory() as download_dir:
+  with tempfile.TemporaryDirectory() as download_dir, quiet.third_party(), quiet.worker_processes():
     try:
       builder.download_and_prepare(download_dir=download_dir, download_config=tfds.download.DownloadConfig(
           beam_options=options))
