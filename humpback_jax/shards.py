@@ -4,8 +4,8 @@ Records are cut into fixed shards by input order (shard k = records[k*S : (k+1)*
 output is written to a temp file and renamed into place only when complete, then its record
 count and sha256 are written beside it (`part-k.done.json`). A shard is done only when its file
 matches that record, so a killed, torn or edited shard is redone, never trusted. A rerun skips
-done shards; process p of P takes the shards with k % P == p. `merge` checks every shard against
-its record and that every input id appears exactly once.
+done shards; process p of P takes the shards with k % P == p. `merged` streams the results back,
+checking every shard against its record and that every input id appears exactly once, in order.
 
 Records are dicts or dataclasses with an `id`; results are written as JSON objects.
 """
@@ -170,11 +170,6 @@ def merged(out_dir: Path, expected_ids: Sequence[str]) -> Iterator[dict]:
     missing = len(expected_ids) - position
     raise DataError(f"{out_dir}: {missing} ids have no result, e.g. {list(expected_ids[position:position + 3])}",
                     path=out_dir, field="id")
-
-
-def merge(out_dir: Path, expected_ids: Sequence[str]) -> list[dict]:
-  """All shard results in input order, as one list (see `merged`, which streams them)."""
-  return list(merged(out_dir, expected_ids))
 
 
 def _shard_indices(out_dir: Path) -> Iterator[int]:

@@ -17,7 +17,7 @@ def double(batch, first_index=0):
 
 def test_every_record_is_processed_once_in_order(tmp_path):
   shards.run(records(23), double, tmp_path, shard_size=5, progress=False)
-  merged = shards.merge(tmp_path, [r["id"] for r in records(23)])
+  merged = list(shards.merged(tmp_path, [r["id"] for r in records(23)]))
   assert [r["y"] for r in merged] == [2 * i for i in range(23)]
 
 
@@ -35,26 +35,26 @@ def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
   assert sorted(p.name for p in tmp_path.glob("part-*.jsonl")) == ["part-00000.jsonl", "part-00001.jsonl"]
   stats = shards.run(records(23), double, tmp_path, shard_size=5, progress=False)
   assert (stats["shards_skipped"], stats["shards_written"]) == (2, 3)
-  assert len(shards.merge(tmp_path, [r["id"] for r in records(23)])) == 23
+  assert len(list(shards.merged(tmp_path, [r["id"] for r in records(23)]))) == 23
 
 
 def test_processes_split_shards_and_together_cover_all(tmp_path):
   for p in range(3):
     shards.run(records(40), double, tmp_path, shard_size=4, process_index=p, process_count=3, progress=False)
-  assert len(shards.merge(tmp_path, [r["id"] for r in records(40)])) == 40
+  assert len(list(shards.merged(tmp_path, [r["id"] for r in records(40)]))) == 40
 
 
 def test_partial_temp_files_are_never_read(tmp_path):
   shards.run(records(10), double, tmp_path, shard_size=5, progress=False)
   (tmp_path / "part-00002.jsonl.tmp123").write_text('{"id": "r0", "y": 0}\n')
-  assert len(shards.merge(tmp_path, [r["id"] for r in records(10)])) == 10
+  assert len(list(shards.merged(tmp_path, [r["id"] for r in records(10)]))) == 10
 
 
 def test_merge_names_a_duplicated_id(tmp_path):
   inputs = records(10) + [dict(id="r0", x=0)]
   shards.run(inputs, double, tmp_path, shard_size=5, progress=False)
   with pytest.raises(DataError, match=r"part-00002.jsonl:1: id 'r0' appears twice"):
-    shards.merge(tmp_path, [r["id"] for r in records(10)])
+    list(shards.merged(tmp_path, [r["id"] for r in records(10)]))
 
 
 def test_a_shard_edited_after_it_was_written_is_redone_not_trusted(tmp_path, capsys):
@@ -62,11 +62,11 @@ def test_a_shard_edited_after_it_was_written_is_redone_not_trusted(tmp_path, cap
   lines = (tmp_path / "part-00001.jsonl").read_text().splitlines()
   (tmp_path / "part-00001.jsonl").write_text("\n".join(lines[:3]) + "\n")  # shortened from 5 to 3 records
   with pytest.raises(DataError, match=r"part-00001.jsonl: has 3 records .*its writer recorded 5"):
-    shards.merge(tmp_path, [r["id"] for r in records(10)])
+    list(shards.merged(tmp_path, [r["id"] for r in records(10)]))
   stats = shards.run(records(10), double, tmp_path, shard_size=5, progress=False)
   assert (stats["shards_skipped"], stats["shards_written"]) == (1, 1)
   assert "part-00001.jsonl: has 3 records" in capsys.readouterr().err
-  assert len(shards.merge(tmp_path, [r["id"] for r in records(10)])) == 10
+  assert len(list(shards.merged(tmp_path, [r["id"] for r in records(10)]))) == 10
 
 
 def test_a_shard_without_its_record_is_not_done(tmp_path):
@@ -79,7 +79,7 @@ def test_merge_names_missing_ids(tmp_path):
   shards.run(records(10), double, tmp_path, shard_size=5, progress=False)
   (tmp_path / "part-00001.jsonl").unlink()
   with pytest.raises(DataError, match="5 ids have no result"):
-    shards.merge(tmp_path, [r["id"] for r in records(10)])
+    list(shards.merged(tmp_path, [r["id"] for r in records(10)]))
 
 
 def test_results_must_match_inputs_one_to_one(tmp_path):
@@ -107,7 +107,7 @@ def test_a_full_disk_while_writing_a_shard_keeps_the_finished_ones_and_leaves_no
   monkeypatch.setattr(os, "fsync", real_fsync)  # space freed: the rerun finishes the rest
   stats = shards.run(records(23), double, tmp_path, shard_size=5, progress=False)
   assert (stats["shards_skipped"], stats["shards_written"]) == (2, 3)
-  assert [r["y"] for r in shards.merge(tmp_path, [r["id"] for r in records(23)])] == [2 * i for i in range(23)]
+  assert [r["y"] for r in list(shards.merged(tmp_path, [r["id"] for r in records(23)]))] == [2 * i for i in range(23)]
 
 
 def test_a_full_disk_while_rewriting_a_file_keeps_its_previous_version(tmp_path, monkeypatch):
@@ -130,7 +130,7 @@ def test_merge_names_a_missing_shard_between_finished_ones(tmp_path):
   shards.run(records(15), double, tmp_path, shard_size=5, progress=False)
   (tmp_path / "part-00001.jsonl").unlink()
   with pytest.raises(DataError, match=r"part-00001.jsonl: missing \(found part-00002.jsonl after it\)"):
-    shards.merge(tmp_path, [r["id"] for r in records(15)])
+    list(shards.merged(tmp_path, [r["id"] for r in records(15)]))
 
 
 def test_each_batch_comes_with_the_input_index_of_its_first_record(tmp_path):
