@@ -146,13 +146,15 @@ def workloads(model, cfg, texts, instructions):
 def run_once(runner, kind, ids, arg, eos):
   """(wall seconds, CPU seconds (user + sys of this process's threads), outputs) of one run, our
   compiles subtracted from both."""
-  ours = isinstance(runner, Ours)
-  compiled = runner.engine.stats.compile_seconds if ours else 0.0
-  cpu, start = time.process_time(), time.perf_counter()
+  def compiles():
+    stats = runner.engine.stats if isinstance(runner, Ours) else None
+    return (stats.compile_seconds, stats.compile_cpu_seconds) if stats else (0.0, 0.0)
+
+  before, cpu, start = compiles(), time.process_time(), time.perf_counter()
   out = runner.generate(ids, arg, eos) if kind == "gen" else runner.probs(ids, arg)
   wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-  spent = (runner.engine.stats.compile_seconds - compiled) if ours else 0.0
-  return wall - spent, cpu - spent, out  # a compile keeps ~one core busy: subtracted from both
+  after = compiles()
+  return wall - (after[0] - before[0]), cpu - (after[1] - before[1]), out
 
 
 def static_utilisation(outputs, limits, batch: int) -> float:

@@ -51,6 +51,7 @@ class EngineStats:
   """Counters over an engine's lifetime (compiles, padding, tokens, time, skipped inputs)."""
   compiles: int = 0         # distinct (kind, batch, bucket, max_new, greedy) shapes compiled
   compile_seconds: float = 0.0
+  compile_cpu_seconds: float = 0.0  # user + sys of this process while compiling (wall differs on a busy host)
   batches: int = 0
   prompt_slots: int = 0     # prompt tokens + padding, over every batch (dummy rows included)
   padding_slots: int = 0
@@ -353,7 +354,7 @@ class Engine:
     returned cache by `cache_shardings`). `stats.compiles` counts distinct shapes.
     """
     if (shape, part) not in self._programs:
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), time.process_time()
       in_shardings = jax.tree.map(lambda a: a.sharding, args)
       out_shardings = jax.tree.map(self._output_sharding, jax.eval_shape(fn, *args),
                                    is_leaf=lambda x: isinstance(x, kv_cache.KVCache))
@@ -361,6 +362,7 @@ class Engine:
       self._programs[shape, part] = jitted.lower(*args).compile()
       self.stats.compiles = len({s for s, _ in self._programs})
       self.stats.compile_seconds += time.perf_counter() - start
+      self.stats.compile_cpu_seconds += time.process_time() - cpu
     return self._programs[shape, part]
 
   def _output_sharding(self, out):
