@@ -36,6 +36,24 @@ def configure(verbose_output: bool) -> None:
       handler = logging.StreamHandler()
       handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
       logger.addHandler(handler)
+  absl = logging.getLogger("absl")
+  for f in [f for f in absl.filters if isinstance(f, _OrbaxThreadErrors)]:
+    absl.removeFilter(f)
+  if not verbose_output:
+    absl.addFilter(_OrbaxThreadErrors())
+
+
+class _OrbaxThreadErrors(logging.Filter):
+  """Holds back what orbax's writer threads log when a save fails (a page of traceback per thread):
+  the failure reaches the command, which prints it as one line; --verbose shows these too."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    frame = sys._getframe(1)  # absl names itself as the caller, so the stack tells who logged
+    while frame is not None:
+      if f"{os.sep}orbax{os.sep}" in frame.f_code.co_filename:
+        return False
+      frame = frame.f_back
+    return True
 
 
 @contextlib.contextmanager

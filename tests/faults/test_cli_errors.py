@@ -1,14 +1,17 @@
 """Every user-facing failure is one line naming the file and what to do, with a documented exit code."""
 import contextlib
 import errno
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from humpback_jax import cli, user_errors
 
-TOY = str(Path(__file__).resolve().parents[2] / "configs" / "toy.py")
+ROOT = Path(__file__).resolve().parents[2]
+TOY = str(ROOT / "configs" / "toy.py")
 
 
 def humpback(capsys, *argv):
@@ -51,6 +54,20 @@ def test_a_full_disk_before_a_checkpoint_is_named_and_the_command_exits(tmp_path
                                 "--config.mesh.shape=(-1,1,1)")
   assert code == user_errors.FILESYSTEM and len(lines) == 1, err
   assert "run/checkpoints: the disk is full; free space" in lines[0] and "MiB free" in lines[0]
+
+
+def test_a_disk_that_fills_during_a_checkpoint_save_exits_with_one_line(tmp_path):
+  """Few inodes: the free-space check passes, then orbax's writer threads run out of room mid-save."""
+  with tmpfs(tmp_path / "small", "size=64m", "nr_inodes=40") as small:
+    done = subprocess.run([sys.executable, "-m", "humpback_jax.cli", "train", f"--config={TOY}",
+                           f"--workdir={small / 'run'}", "--config.train.steps=2", "--config.train.checkpoint_every=1",
+                           "--config.mesh.shape=(-1,1,1)"], cwd=ROOT, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"),
+                          capture_output=True, text=True, timeout=600)
+    interrupted = list(small.rglob("*.orbax-checkpoint-tmp"))
+  lines = [line for line in done.stderr.split("\n") if line.strip() and "%|" not in line]  # not the progress bar
+  assert done.returncode == user_errors.FILESYSTEM and interrupted, done.stderr[-3000:]
+  assert lines[-1].startswith("humpback train: error: ") and "the disk is full; free space" in lines[-1], lines[-20:]
+  assert not [line for line in lines[:-1] if "orbax" in line], lines[:20]  # its writer threads' logs are held back
 
 
 def test_verbose_adds_the_traceback(tmp_path, capsys):
