@@ -4,7 +4,6 @@ import html as html_lib
 import itertools
 import json
 import shutil
-import time
 from pathlib import Path
 
 import bs4
@@ -420,10 +419,8 @@ def python_docs_subset(tmp_path):
 
 
 def test_real_python_docs_prepare_into_clean_segments(python_docs_subset):
-  start = time.perf_counter()
   segments = list(corpus.segments_from_folder(python_docs_subset))
   kept, report = corpus.prepare_corpus(segments)
-  assert time.perf_counter() - start < 20
   assert report["input"] == len(segments) > 100
   assert report["input"] == sum(report["dropped"].values()) + report["nested"] + \
       report["exact_duplicate"] + report["near_duplicate"] + report["kept"]
