@@ -1,21 +1,25 @@
 """The paper's models on real TPU slices: `humpback plan --compile` on the smallest slice each fits.
 
   ALLOW_MULTIPLE_LIBTPU_LOAD=1 nice python bench/tpu_plans.py [--models llama1_7b,...] [--modes train,generate]
-      [--families v4,v5e,v5p,v6e] [--compile-families v5p,...] [--jobs 2] [--timeout 1800] > table.md
+      [--families v4,v5e,v5p,v6e] [--compile-families v5p,...] [--jobs 2] [--timeout 1800]
+      [--store compiled.json] > table.md
 
 Per (model, mode, chip family) our estimate picks the smallest slice it says fits; for the families
 in --compile-families that slice is compiled (configs/humpback.py: bf16 compute over float32 master
 weights, scanned layers, full remat, fsdp, splash attention), walking up the sizes until XLA says it
-fits; the other rows are the estimate alone (no compile: minutes each on a small host). Training: batch 32 x 2048 tokens; generation: batch 256, 1,024 prompt
-+ 512 new tokens. Each compile is its own `humpback plan` process (libtpu holds its memory).
+fits; the other rows are the estimate alone (no compile: minutes each on a small host), or with
+--stored-only every row shows what --store holds for its slice. Training: batch 32 x 2048 tokens;
+generation: batch 256, 1,024 prompt + 512 new tokens. Each compile is its own `humpback plan` process (libtpu holds its memory).
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +34,7 @@ SLICES = {  # smallest first; v4 and v5p count chips of 2 TensorCores (megacore)
     "v5p": ["v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4", "v5p:4x4x8"],
     "v6e": ["v6e:2x2", "v6e:2x4", "v6e:4x4", "v6e:4x8", "v6e:8x8", "v6e:8x16", "v6e:16x16"],
 }
+STORE, STORE_PATH, STORE_LOCK, STORED_ONLY = {}, None, threading.Lock(), False  # --store: compile results by "model mode topology"
 KINDS = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}  # chips.py's keys
 MODELS = ("llama1_7b", "llama1_13b", "llama1_33b", "llama1_65b", "llama2_70b", "llama3_8b")
 MODES = {
@@ -58,7 +63,19 @@ def chips_of(topology: str) -> int:
 
 
 def compile_plan(model: str, mode: str, topology: str, timeout: float) -> dict:
-  """One `humpback plan --compile` run: its verdict, GiB per device, compile seconds, FLOPs, step time."""
+  """One `humpback plan --compile` run (or its record in --store): verdict, GiB per device, compile s."""
+  key = f"{model} {mode} {topology}"
+  if key in STORE or STORED_ONLY:
+    return STORE.get(key)
+  result = _compile_plan(model, mode, topology, timeout)
+  if STORE_PATH and result["verdict"] != "timeout":
+    with STORE_LOCK:
+      STORE[key] = result
+      STORE_PATH.write_text(json.dumps(STORE, indent=1, sort_keys=True))
+  return result
+
+
+def _compile_plan(model: str, mode: str, topology: str, timeout: float) -> dict:
   cmd = [sys.executable, "-m", "humpback_jax.cli", "plan", f"--config=configs/humpback.py:model={model},mesh=fsdp",
          f"--topology={topology}", "--compile", *overrides(mode, topology)]
   start = time.perf_counter()
@@ -104,6 +121,8 @@ def smallest_fit(model: str, mode: str, family: str, start: int, timeout: float)
   """The smallest slice of `family` from SLICES[family][start] up that the compiled program fits."""
   for topology in SLICES[family][start:]:
     result = compile_plan(model, mode, topology, timeout)
+    if result is None:  # --stored-only, not stored
+      return SLICES[family][start], {}
     print(f"# {model} {mode} {topology}: {result['verdict']} ({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
     if result.get("fits") or result["verdict"] == "timeout" or "does not fit" not in result["verdict"]:
       return topology, result
@@ -114,7 +133,7 @@ def row(model: str, mode: str, family: str, compile_it: bool, timeout: float) ->
   """One table row: the estimate's smallest slice, compiled (XLA's GiB, compile s) when asked."""
   start, est = smallest_estimated(model, mode, family)
   topology, r = SLICES[family][start], {}
-  if compile_it:
+  if compile_it or STORED_ONLY:
     topology, r = smallest_fit(model, mode, family, start, timeout)
     est = estimate_gib(model, mode, topology)
   flops = r.get("flops") or model_flops(model, mode)
@@ -143,7 +162,16 @@ def main():
   p.add_argument("--compile-families", default="v4,v5e,v5p,v6e", help="families whose slices are compiled")
   p.add_argument("--jobs", type=int, default=1, help="compiles at once")
   p.add_argument("--timeout", type=float, default=1800.0, help="seconds per compile")
+  p.add_argument("--store", default="", help="JSON file of compile results: reused, and new ones added "
+                 "(estimates are always recomputed)")
+  p.add_argument("--stored-only", action="store_true", help="compile nothing: rows from --store or the estimate")
   args = p.parse_args()
+  global STORED_ONLY
+  STORED_ONLY = args.stored_only
+  if args.store:
+    global STORE_PATH
+    STORE_PATH = Path(args.store)
+    STORE.update(json.loads(STORE_PATH.read_text()) if STORE_PATH.exists() else {})
   cells = [(model, mode, family, family in args.compile_families.split(","))
            for model in args.models.split(",") for mode in args.modes.split(",") for family in args.families.split(",")]
   print("| model | job | slice | chips | estimate GiB/device | XLA GiB/device | est./XLA | compile s | "

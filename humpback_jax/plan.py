@@ -113,7 +113,8 @@ def plan(cfg, num_devices: int, *, device_gib: float = 80.0, mode: str = "train"
     gradients = param_bytes_per_device(m, layout, np.float32)
     local = batch / data_ways
     activations = int(_activation_bytes(m, local, seq, compute, tensor))
-    update, kv = int(UPDATE_BUFFERS * gradients), 0
+    weights_cast = param_bytes_per_device(m, layout, m.dtype)
+    update, kv = int(GRADIENT_COPIES * gradients + WEIGHT_CASTS * weights_cast), 0
   else:
     batch = batch or cfg.generate.batch_size
     seq = seq_len or m.max_seq_len
@@ -128,11 +129,12 @@ def plan(cfg, num_devices: int, *, device_gib: float = 80.0, mode: str = "train"
               update_buffers=update)
 
 
-# Temporaries of the optimizer step beyond the float32 gradients, in gradients' bytes: their copy
-# divided by the token count, the Adam update before it is applied, and the weights cast to the
-# compute dtype (hoisted out of the layer scan). Fitted to XLA's temporaries for LLaMA-7B with 4 and
-# 32 scanned layers on v5p:2x2x2 (bench/RESULTS.md "Planner vs XLA").
-UPDATE_BUFFERS = 2.25
+# Temporaries of the train step beyond the float32 gradients and the activations, fitted to XLA's
+# for LLaMA-7B/13B/65B on v5p (bench/RESULTS.md "Planner vs XLA"): the whole weight stack cast to the
+# compute dtype, twice (the forward and the backward layer scan each hoist the cast out of the loop),
+# and a quarter of the gradients' bytes (their normalised copy and the Adam update, mostly fused).
+WEIGHT_CASTS = 2.0
+GRADIENT_COPIES = 0.25
 # XLA's attention (prefill with a cache: no splash) holds ~3.3 float32 score buffers
 # [rows, heads, prompt, cache] at its peak (scores, probabilities, their exponent), same source.
 PREFILL_SCORE_BUFFERS = 3.3
@@ -204,9 +206,13 @@ def compiled_report(cfg, topology: str, slices: int = 1, mode: str = "train",
   except aot.DoesNotFit as e:
     used = f"{e.used / GIB:.1f} GiB > {e.limit / GIB:.1f} GiB" if e.used else f"more than {hbm / GIB:.1f} GiB"
     lines.append(f"XLA: the {e.name} ran out of HBM: {str(e).splitlines()[0][:300]}")
+    if e.used and "temporaries" in str(e):
+      temporaries = estimate.gradients + estimate.update_buffers + estimate.activations
+      lines.append(f"our estimate / XLA of the temporaries: {temporaries / GIB:.1f} / {e.used / GIB:.1f} GiB = "
+                   f"{temporaries / e.used:.2f}")
     return "\n".join(lines + [f"compiled: does not fit ({used} HBM per device)"]), False
-  lines += ["XLA, per device | arguments | outputs | donated | temporaries | code | total GiB | compile s | TFLOP",
-            "|---|---|---|---|---|---|---|---|---|"]
+  lines += ["XLA, per device | arguments | outputs | donated | temporaries | code | total GiB | compile s | "
+            "cost_analysis TFLOP", "|---|---|---|---|---|---|---|---|---|"]
   g = lambda b: f"{b / GIB:.2f}"
   for p in programs:
     lines.append(f"| {p.name} | {g(p.arguments)} | {g(p.outputs)} | {g(p.aliases)} | {g(p.temporaries)} | "
