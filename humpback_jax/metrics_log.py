@@ -9,6 +9,8 @@ from pathlib import Path
 
 import jax
 
+from humpback_jax.errors import DataError
+
 
 class MetricsLog:
   """Appends one JSON line and one TensorBoard scalar set per logged step."""
@@ -20,6 +22,7 @@ class MetricsLog:
     if self.enabled:
       from tensorboardX import SummaryWriter
       self.path.parent.mkdir(parents=True, exist_ok=True)
+      _drop_torn_tail(self.path)
       self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:
@@ -37,14 +40,35 @@ class MetricsLog:
       self._tb.close()
 
 
+def _drop_torn_tail(path: Path) -> None:
+  """Cuts a last line left unfinished by a killed run, so the resumed run appends whole lines
+  (the step it held is logged again after the resume)."""
+  if not path.exists():
+    return
+  data = path.read_bytes()
+  if data and not data.endswith(b"\n"):
+    with open(path, "r+b") as f:
+      f.truncate(data.rfind(b"\n") + 1)
+
+
 def read_metrics(path: Path) -> list[dict]:
-  """The metric lines written so far, the last one per step (a resumed run rewrites some steps)."""
+  """The metric lines written so far, the last one per step (a resumed run rewrites some steps).
+  An unfinished last line (a killed write) is left out; a damaged earlier line is named."""
   by_step = {}
   if Path(path).exists():
-    for line in Path(path).read_text().splitlines():
-      if line.strip():
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
         rec = json.loads(line)
         by_step[rec["step"]] = rec
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        if n == len(lines) and not text.endswith("\n"):
+          break
+        raise DataError(f"{path}:{n}: not a metrics record ({type(e).__name__}: {e}); delete the line or the "
+                        "file (it only feeds the loss curve and the report)", path=path, line=n) from None
   return [by_step[s] for s in sorted(by_step)]
 
 

@@ -13,6 +13,8 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from humpback_jax.errors import DataError
+
 # Chat templates: Python format strings with `{instruction}` and optionally `{system}`.
 LLAMA2_INST = "[INST] {instruction} [/INST]"
 # What SmolLM2's own jinja template renders for one user turn and no system message: it adds
@@ -183,11 +185,22 @@ def chat_template_from_gguf(path: str | Path) -> str | None:
   return _gguf_fields(Path(path)).get("tokenizer.chat_template")
 
 
+def _json_object(path: Path) -> dict:
+  """A JSON object file of a tokenizer folder; DataError naming it when damaged."""
+  try:
+    value = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DataError(f"{path}: not valid JSON ({e}); restore the checkpoint folder's file", path=path) from None
+  if not isinstance(value, dict):
+    raise DataError(f"{path}: expected a JSON object", path=path)
+  return value
+
+
 def _special_id(tok: tokenizers.Tokenizer, folder: Path, name: str) -> int | None:
   """Id of `{name}_token` from tokenizer_config.json, else `{name}_token_id` from config.json."""
   cfg_path = folder / "tokenizer_config.json"
   if cfg_path.exists():
-    token = json.loads(cfg_path.read_text()).get(f"{name}_token")
+    token = _json_object(cfg_path).get(f"{name}_token")
     token = token.get("content") if isinstance(token, dict) else token
     if token is not None:
       if tok.token_to_id(token) is None:
@@ -195,7 +208,7 @@ def _special_id(tok: tokenizers.Tokenizer, folder: Path, name: str) -> int | Non
       return tok.token_to_id(token)
   cfg_path = folder / "config.json"
   if cfg_path.exists():
-    token_id = json.loads(cfg_path.read_text()).get(f"{name}_token_id")
+    token_id = _json_object(cfg_path).get(f"{name}_token_id")
     return token_id[0] if isinstance(token_id, list) else token_id
   return None
 

@@ -373,7 +373,10 @@ def saved_config(workdir: Path):
   path = Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise ConfigError(f"{path} does not exist: pass --config, or run `humpback pipeline` in this workdir first")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not valid JSON ({e}); pass --config with the run's config file") from None
 
 
 def reselect(cfg, workdir: Path, layout, stage: str, *, k: float | None = None,
