@@ -129,20 +129,26 @@ def smallest_fit(model: str, mode: str, family: str, start: int, timeout: float)
   return topology, result
 
 
-def row(model: str, mode: str, family: str, compile_it: bool, timeout: float) -> str:
-  """One table row: the estimate's smallest slice, compiled (XLA's GiB, compile s) when asked."""
+def cell(model: str, mode: str, family: str, compile_it: bool, timeout: float, topology: str = "") -> str:
+  """One family's cell: its smallest slice (chips): XLA's GiB per device in bold where compiled, our
+  estimate (in parentheses beside XLA's), the step time at peak, the compile seconds."""
   start, est = smallest_estimated(model, mode, family)
+  if topology:  # a stored slice
+    start, est = SLICES[family].index(topology), estimate_gib(model, mode, topology)
   topology, r = SLICES[family][start], {}
   if compile_it or STORED_ONLY:
     topology, r = smallest_fit(model, mode, family, start, timeout)
     est = estimate_gib(model, mode, topology)
-  flops = r.get("flops") or model_flops(model, mode)
-  step_s = flops / (chips_of(topology) * chips.CHIPS[KINDS[family]].peak_flops)
-  xla = (f"{r['gib']:.1f}" if r.get("fits") else r["verdict"][:50]) if r else "not compiled"
-  ratio = f"{est / r['gib']:.2f}" if r.get("fits") and est else ""
-  compile_s = f"{r['compile_s']:.0f}" if r.get("fits") else ""
-  return (f"| {model} | {mode} | {topology} | {chips_of(topology)} | {est or 0:.1f} | {xla} | {ratio} | {compile_s} | "
-          f"{flops / 1e12:,.0f} | {step_s:.3g} s |")
+  step_s = model_flops(model, mode) / (chips_of(topology) * chips.CHIPS[KINDS[family]].peak_flops)
+  head = f"{topology.split(':')[1]} ({chips_of(topology)}): "
+  if not r:
+    stored = [t for t in SLICES[family] if STORE.get(f"{model} {mode} {t}", {}).get("fits")]
+    if stored:  # a larger slice was compiled (before the estimate pointed lower)
+      return head + f"{est or 0:.1f}; " + cell(model, mode, family, False, 0, topology=stored[0])
+    return head + f"{est or 0:.1f}, {step_s:.2g} s"
+  if not r.get("fits"):
+    return head + r["verdict"][:60]
+  return head + f"**{r['gib']:.1f}** ({est or 0:.1f}), {step_s:.2g} s, {r['compile_s']:.0f} s"
 
 
 def model_flops(model: str, mode: str) -> float:
@@ -174,12 +180,14 @@ def main():
     STORE.update(json.loads(STORE_PATH.read_text()) if STORE_PATH.exists() else {})
   cells = [(model, mode, family, family in args.compile_families.split(","))
            for model in args.models.split(",") for mode in args.modes.split(",") for family in args.families.split(",")]
-  print("| model | job | slice | chips | estimate GiB/device | XLA GiB/device | est./XLA | compile s | "
-        "TFLOP per step | step at peak |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  families = args.families.split(",")
+  print(f"| model | job | TFLOP | {' | '.join(families)} |")
+  print("|---" * (3 + len(families)) + "|")
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # each compile is its own process
-    for line in pool.map(lambda cell: row(*cell, args.timeout), cells):
-      print(line, flush=True)
+    done = list(pool.map(lambda c: cell(*c, args.timeout), cells))
+  for k in range(0, len(cells), len(families)):
+    model, mode = cells[k][:2]
+    print(f"| {model} | {mode} | {model_flops(model, mode) / 1e12:,.0f} | {' | '.join(done[k:k + len(families)])} |")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """Memory planner: per-device bytes of a training or inference job, from shapes alone, and beside
 it what XLA compiles for a real TPU topology (`compiled_report`, through aot.py).
 
-Parameters, optimizer state and gradients are exact (each tensor's shard under the mesh and
-rules); activations and the KV cache are estimates documented below. No weights are made.
+Parameters, optimizer state, gradients and the KV cache are exact (each tensor's shard under the
+mesh and rules); the step's other buffers and the activations are estimates fitted to XLA's figures
+(below; within 5% for LLaMA-7B to 65B on v5p, bench/RESULTS.md). No weights are made.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 
-import jax
 import numpy as np
 from jax.sharding import AbstractMesh
 
@@ -130,8 +130,8 @@ def plan(cfg, num_devices: int, *, device_gib: float = 80.0, mode: str = "train"
 
 
 # Temporaries of the train step beyond the float32 gradients and the activations, fitted to XLA's
-# for LLaMA-7B/13B/65B on v5p (bench/RESULTS.md "Planner vs XLA"): the whole weight stack cast to the
-# compute dtype, twice (the forward and the backward layer scan each hoist the cast out of the loop),
+# for LLaMA-7B/13B/65B on v5p (bench/RESULTS.md, TPU slices): about two copies of the weight stack
+# in the compute dtype (the optimised HLO holds the cast [layers, ...] stacks outside the layer scan)
 # and a quarter of the gradients' bytes (their normalised copy and the Adam update, mostly fused).
 WEIGHT_CASTS = 2.0
 GRADIENT_COPIES = 0.25
