@@ -131,7 +131,7 @@ def smallest_fit(model: str, mode: str, family: str, start: int, timeout: float)
 
 def cell(model: str, mode: str, family: str, compile_it: bool, timeout: float, topology: str = "") -> str:
   """One family's cell: its smallest slice (chips): XLA's GiB per device in bold where compiled, our
-  estimate (in parentheses beside XLA's), the step time at peak, the compile seconds."""
+  estimate (in parentheses beside XLA's), the step seconds at peak, the compile seconds."""
   start, est = smallest_estimated(model, mode, family)
   if topology:  # a stored slice
     start, est = SLICES[family].index(topology), estimate_gib(model, mode, topology)
@@ -145,10 +145,10 @@ def cell(model: str, mode: str, family: str, compile_it: bool, timeout: float, t
     stored = [t for t in SLICES[family] if STORE.get(f"{model} {mode} {t}", {}).get("fits")]
     if stored:  # a larger slice was compiled (before the estimate pointed lower)
       return head + f"{est or 0:.1f}; " + cell(model, mode, family, False, 0, topology=stored[0])
-    return head + f"{est or 0:.1f}, {step_s:.2g} s"
+    return head + f"{est or 0:.1f}, {step_s:.2g}"
   if not r.get("fits"):
     return head + r["verdict"][:60]
-  return head + f"**{r['gib']:.1f}** ({est or 0:.1f}), {step_s:.2g} s, {r['compile_s']:.0f} s"
+  return head + f"**{r['gib']:.1f}** ({est or 0:.1f}), {step_s:.2g}, {r['compile_s']:.0f}"
 
 
 def model_flops(model: str, mode: str) -> float:
