@@ -33,7 +33,7 @@ def configure(verbose_output: bool) -> None:
     logger.setLevel(level)
     if verbose_output and not logger.handlers:
       # Python shows no INFO line without a handler; verbose means their INFO lines too
-      handler = logging.StreamHandler()
+      handler = _CurrentStderr()
       handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
       logger.addHandler(handler)
   absl = logging.getLogger("absl")
@@ -41,6 +41,19 @@ def configure(verbose_output: bool) -> None:
     absl.removeFilter(f)
   if not verbose_output:
     absl.addFilter(_OrbaxThreadErrors())
+
+
+class _CurrentStderr(logging.StreamHandler):
+  """Writes to sys.stderr as it is when a record is logged: a handler that kept the stream of the
+  call that made it would write into a replaced (closed or captured) stream ever after."""
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, value):
+    pass
 
 
 class _OrbaxThreadErrors(logging.Filter):
