@@ -85,26 +85,29 @@ def assert_flat(peaks, corpus_bytes):
                                        f"corpus (peaks {small / 1e6:.2f} MB and {large / 1e6:.2f} MB)")
 
 
-def test_augments_peak_memory_does_not_grow_with_the_corpus(tmp_path, monkeypatch, small_write_batches):
+def assert_stage_peak_is_flat(tmp_path, monkeypatch, write_inputs, reply, stage, check):
+  """Runs `stage` on BASE and 8 x BASE inputs written by `write_inputs`; its peak must not follow the corpus."""
   peaks = []
   for n in (BASE, 8 * BASE):
     work = tmp_path / str(n)
-    with_segments(work, n)
-    run = run_for(work, "What does this text explain?", monkeypatch)
-    peak, counts = peak_bytes(lambda: run._augment("augment"))
-    assert counts["candidates"] == n and len(artifacts.read_records(work / "augment" / artifacts.CANDIDATES,
-                                                                    artifacts.Candidate)) == n
+    write_inputs(work, n)
+    run = run_for(work, reply, monkeypatch)
+    peak, counts = peak_bytes(lambda: stage(run))
+    check(work, n, counts)
     peaks.append(peak)
   assert_flat(peaks, BASE * TEXT_CHARS)
+
+
+def test_augments_peak_memory_does_not_grow_with_the_corpus(tmp_path, monkeypatch, small_write_batches):
+  def check(work, n, counts):
+    assert counts["candidates"] == n and len(artifacts.read_records(work / "augment" / artifacts.CANDIDATES,
+                                                                    artifacts.Candidate)) == n
+  assert_stage_peak_is_flat(tmp_path, monkeypatch, with_segments, "What does this text explain?",
+                            lambda run: run._augment("augment"), check)
 
 
 def test_curates_peak_memory_does_not_grow_with_the_candidates(tmp_path, monkeypatch, small_write_batches):
-  peaks = []
-  for n in (BASE, 8 * BASE):
-    work = tmp_path / str(n)
-    with_candidates(work, n)
-    run = run_for(work, "A clear answer. Score: 5", monkeypatch)
-    peak, counts = peak_bytes(lambda: run._curate("curate_m0"))
+  def check(work, n, counts):
     assert (counts["candidates"], counts["curated"]) == (n, n)
-    peaks.append(peak)
-  assert_flat(peaks, BASE * TEXT_CHARS)
+  assert_stage_peak_is_flat(tmp_path, monkeypatch, with_candidates, "A clear answer. Score: 5",
+                            lambda run: run._curate("curate_m0"), check)
