@@ -9,7 +9,7 @@ import pytest
 
 from helpers import layout
 from humpback_jax import configlib
-from humpback_jax.data import corpus, tfds_datasets
+from humpback_jax.data import tfds_datasets
 from humpback_jax.method import pipeline
 from test_corpus import python_docs_library
 

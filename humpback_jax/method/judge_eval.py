@@ -181,6 +181,6 @@ def format_report(rep: dict) -> str:
     lines += [f"  {name:18s} {c['pairs']:4d}  {c['label']:4.2f}" + "".join(f"  {c[m]:4.2f}" for m in modes)
               for name, c in rep["categories"].items()]
   if "seconds" in rep:
-    lines += [f"seconds: " + ", ".join(f"{m} {s:.1f}" for m, s in rep["seconds"].items())
+    lines += ["seconds: " + ", ".join(f"{m} {s:.1f}" for m, s in rep["seconds"].items())
               + f"; prompts skipped as too long: {rep['skipped_too_long']}"]
   return "\n".join(lines)
