@@ -74,6 +74,7 @@ class Ours:
     self.engine = generate.Engine(model.cfg, model.params, model.layout, prompt_buckets=tuple(g.prompt_buckets),
                                   batch_size=slots, scheduler="static" if kind == "static" else "continuous",
                                   decode_steps=g.decode_steps, prefill_chunk=g.prefill_chunk,
+                                  prefill_rows=g.prefill_rows, refill_slots=g.refill_slots,
                                   prefix_reuse=kind == "prefix")
 
   def generate(self, ids, sampling, eos):

@@ -155,6 +155,9 @@ def generate_config(**overrides) -> ml_collections.ConfigDict:
       decode_slots=0,             # continuous: rows decoded at once (0 = batch_size)
       decode_steps=8,             # continuous: decode steps per jitted call between refills
       prefill_chunk=64,           # continuous: prompt tokens per prefill call
+      prefill_rows=0,             # continuous: most prompts prefilled in one call (0 = decode slots)
+      refill_slots=0,             # continuous: a decode call returns once this many slots are free
+                                  # while prompts wait (0 = a quarter of the slots)
       prefix_reuse=True,          # continuous: a shared prompt prefix's KV is computed once per engine
   ))
   cfg.update(overrides)

@@ -107,18 +107,19 @@ def decode(cfg, layout, params, cache, token_b, position_b, row_ids_b, max_new_b
     head_nk = build.head_weight(cfg, params).T  # [vocab, dim]: the tied embedding itself, no copy
     head_tables = ops.greedy_head_tables(head_nk, backend)
 
-  def next_tokens(token, position, cache, step):
+  def next_tokens(token, position, cache, step, live):
     if head_tables is None:
       logits, cache = build.forward(cfg, params, token[:, None], position[:, None], cache=cache, layout=layout,
                                     backend=backend)
-      return sample_next(logits[:, 0], row_keys, temperature, top_p, top_k, step=step, backend=backend), cache
+      return sample_next(logits[:, 0], row_keys, temperature, top_p, top_k, step=step, backend=backend,
+                         live=live), cache
     hidden, cache = build.forward(cfg, params, token[:, None], position[:, None], cache=cache, layout=layout,
                                   hidden_only=True, backend=backend)
     return ops.greedy_head(hidden[:, 0], head_tables, head_nk), cache
 
   def body(carry):
     step, token, position, cache, out, counts, done = carry
-    new, cache = next_tokens(token, position, cache, step)
+    new, cache = next_tokens(token, position, cache, step, ~done)
     is_eos = jnp.isin(new, eos_ids)
     out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
     counts += (~done & ~is_eos).astype(jnp.int32)
@@ -205,7 +206,8 @@ class Engine:
   def __init__(self, cfg, params, layout, *, prompt_buckets=(64, 128, 256, 512, 1024, 2048),
                batch_size: int = 32, too_long: str = "truncate_left", on_empty: str = "raise",
                scheduler: str = "static", decode_slots: int | None = None, decode_steps: int = 8,
-               prefill_chunk: int = 64, prefix_reuse: bool = True, prefix_granule: int = 16):
+               prefill_chunk: int = 64, prefix_reuse: bool = True, prefix_granule: int = 16,
+               prefill_rows: int = 0, refill_slots: int = 0):
     if too_long not in TOO_LONG_POLICIES:
       raise ValueError(f"too_long={too_long!r}: expected one of {TOO_LONG_POLICIES}")
     if on_empty not in EMPTY_POLICIES:
@@ -224,7 +226,8 @@ class Engine:
     self.scheduler = None  # static batches; else the continuous engine's slots and chunked prefill
     if scheduler == "continuous":
       self.scheduler = slots.Scheduler(self, slots=decode_slots or batch_size, steps=decode_steps,
-                                       chunk=prefill_chunk, prefix_reuse=prefix_reuse, granule=prefix_granule)
+                                       chunk=prefill_chunk, prefix_reuse=prefix_reuse, granule=prefix_granule,
+                                       prefill_rows=prefill_rows, refill=refill_slots)
 
   # ----------------------------------------------------------------- public API
 

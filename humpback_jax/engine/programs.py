@@ -23,10 +23,16 @@ def fresh_cache(cfg, *, rows: int, length: int):
   return kv_cache.init_cache(cfg, rows, length)
 
 
-def copy_cache(cache, start):
-  """A fresh copy of `cache` that writes next at slot `start` (a stored prefix stays intact when the
-  copy is donated; the padding of the prefix's last chunk is overwritten by the next chunk)."""
-  return jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), cache).replace(index=start)
+def copy_cache(cache, start, *, rows: int):
+  """A fresh copy of `cache` (whose rows are all alike: one prefix) with `rows` rows, writing next at
+  slot `start` (a stored prefix stays intact when the copy is donated; the padding of the prefix's
+  last chunk is overwritten by the next chunk)."""
+  def grown(x, axis):  # the batch axis: k/v are [..., batch, length, kv_heads, d], positions [batch, length]
+    x = x + jnp.zeros((), x.dtype)
+    return jnp.repeat(x, rows // x.shape[axis], axis=axis) if rows != x.shape[axis] else x
+  return cache.replace(k=jax.tree.map(lambda x: grown(x, x.ndim - 4), cache.k),
+                       v=jax.tree.map(lambda x: grown(x, x.ndim - 4), cache.v),
+                       positions=grown(cache.positions, 0), index=start)
 
 
 def prefill_chunk(cfg, layout, params, cache, tokens_pc, positions_pc, *, backend=ops.XLA):
@@ -75,9 +81,11 @@ def insert(slots_cache, group_cache, slot_ids_p):
       positions=slots_cache.positions.at[slot_ids_p].set(positions, mode="drop"))
 
 
-def decode_steps(cfg, layout, params, cache, state, eos_ids, seed, temperature, top_p, top_k, *, steps: int,
-                 greedy: bool = False, backend=ops.XLA):
-  """Up to `steps` decode steps over every slot (fewer when all are done), the ring index wrapping.
+def decode_steps(cfg, layout, params, cache, state, min_done, eos_ids, seed, temperature, top_p, top_k, *,
+                 steps: int, greedy: bool = False, backend=ops.XLA):
+  """Up to `steps` decode steps over every slot, the ring index wrapping; fewer once `min_done` slots
+  are done (the host refills them: a call costs a pass over the weights to pack them, so returning
+  at every finished row would pay that often).
 
   `state` (dict of [S] int32): token (fed next), position, row_id, limit (the row's max new tokens),
   step (tokens sampled so far), done. Row r samples step s with fold_in(fold_in(seed, row_id), s),
@@ -97,7 +105,7 @@ def decode_steps(cfg, layout, params, cache, state, eos_ids, seed, temperature, 
   def body(carry):
     i, token, position, step, done, emitted, busy, out, cache = carry
     keys = jax.vmap(jax.random.fold_in)(row_keys, step)
-    new, cache = next_tokens(token, position, cache, keys, temperature, top_p, top_k)
+    new, cache = next_tokens(token, position, cache, keys, temperature, top_p, top_k, ~done)
     cache = cache.replace(index=cache.index % ring)
     is_eos = jnp.isin(new, eos_ids)
     live = ~done
@@ -110,7 +118,7 @@ def decode_steps(cfg, layout, params, cache, state, eos_ids, seed, temperature, 
     return i + 1, new, position, step, done, emitted, busy, out, cache
 
   def cond(carry):
-    return (carry[0] < steps) & ~jnp.all(carry[4])
+    return (carry[0] < steps) & (jnp.sum(carry[4].astype(jnp.int32)) < min_done)
 
   s = state["token"].shape[0]
   zero = jnp.zeros((), jnp.int32)
@@ -122,16 +130,16 @@ def decode_steps(cfg, layout, params, cache, state, eos_ids, seed, temperature, 
 
 
 def _next_tokens_fn(cfg, layout, params, greedy, backend):
-  """(token [b], position [b], cache, keys [b], knobs) -> (next token [b], cache); with the CPU kernels a
+  """(token [b], position [b], cache, keys [b], knobs, live [b]) -> (next token [b], cache); with the CPU kernels a
   greedy program picks tokens with `ops.greedy_head` (no logits but the ones that could win)."""
   head_nk = build.head_weight(cfg, params).T if greedy else None  # [vocab, dim]: the tied embedding, no copy
   head_tables = ops.greedy_head_tables(head_nk, backend) if greedy else None  # built once, outside the loop
 
-  def next_tokens(token, position, cache, keys, temperature, top_p, top_k):
+  def next_tokens(token, position, cache, keys, temperature, top_p, top_k, live):
     if head_tables is None:
       logits, cache = build.forward(cfg, params, token[:, None], position[:, None], cache=cache, layout=layout,
                                     backend=backend)
-      return sample_next(logits[:, 0], keys, temperature, top_p, top_k, backend=backend), cache
+      return sample_next(logits[:, 0], keys, temperature, top_p, top_k, backend=backend, live=live), cache
     hidden, cache = build.forward(cfg, params, token[:, None], position[:, None], cache=cache, layout=layout,
                                   hidden_only=True, backend=backend)
     return ops.greedy_head(hidden[:, 0], head_tables, head_nk), cache

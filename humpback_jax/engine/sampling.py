@@ -9,14 +9,16 @@ from humpback_jax.model import ops
 SAMPLING_CANDIDATES = 64  # most likely tokens that sampling ranks before it sorts the whole vocabulary
 
 
-def sample_next(logits, key, temperature, top_p, top_k, step=None, backend=ops.XLA):
+def sample_next(logits, key, temperature, top_p, top_k, step=None, backend=ops.XLA, live=None):
   """Next tokens [b] from float32 logits [b, vocab]; greedy when temperature == 0.
 
   Otherwise temperature, then top-k (0 = off), then top-p (the smallest set of most likely tokens
   whose mass reaches top_p; the top token always stays), then a categorical draw. `key` is one
   typed key or one per row [b]; a `step`, when given, is folded into each row's key first, on the
   sampling branch only (greedy decoding never pays for the hashing). The knobs may be traced
-  scalars: changing them never recompiles.
+  scalars: changing them never recompiles. `live` [b] (bool), when given, marks the rows whose token
+  is used: a finished row or an empty decode slot (a near-flat distribution) then never makes the
+  live rows sort the whole vocabulary.
   """
   def greedy():
     return ops.argmax(logits, backend)
@@ -36,6 +38,8 @@ def sample_next(logits, key, temperature, top_p, top_k, step=None, backend=ops.X
     log_norm = jnp.where(top_k > 0, head_norm, jax.nn.logsumexp(scaled, axis=-1))  # of the kept mass
     head_keep, head_mass = _kept_by_top_k_and_top_p(head, log_norm, top_p, top_k)
     fits = (n == vocab) | ((top_k > 0) & (top_k <= n)) | ((top_k <= 0) & (top_p < 1.0) & (head_mass >= top_p))
+    if live is not None:
+      fits |= ~live
     # Gumbel-max draws: the same noise on the candidates in both branches, so a row's token does not
     # depend on whether another row of its batch needed the whole vocabulary.
     head_noise = jax.vmap(lambda k: jax.random.gumbel(k, (n,)))(keys)

@@ -1,11 +1,17 @@
 """Host side of the continuous engine: a queue of prompts over a fixed number of decode slots.
 
 Modelled on JetStream's prefill / insert / generate and vLLM's scheduler, written for our programs:
-each round fills the free slots (prefill a group of queued prompts chunk by chunk, then insert its
-rows into the slot cache), runs `decode_steps` steps over every slot in one jitted call, and frees
-the slots whose rows stopped (EOS, their own limit, or the caller's stop test). Only a handful of
-shapes are ever compiled: chunk, insert and decode programs per (cache width, new-token budget).
-Scoring runs the same chunked prefill, with the shared prefix reused, and reads scores per chunk.
+each round fills the free slots (prefill groups of queued prompts chunk by chunk, then insert their
+rows into the slot cache), runs up to `decode_steps` steps over every slot in one jitted call, which
+returns early once `refill` slots are free while prompts wait, and frees the slots whose rows
+stopped (EOS, their own limit, or the caller's stop test). Prompts are taken longest first: the
+long ones do not straggle at the end, and a group's rows are of similar length (little padding).
+A group has as many rows as there are free slots (a power of two times the batch shards, at most
+`prefill_rows`): a prefill call costs about one read of the weights however few its tokens, so on
+CPU a chunk of several rows runs at ~2-3x the tokens/s of one row's (bench/RESULTS.md).
+Only a handful of shapes are ever compiled: chunk, insert and decode programs per (group rows,
+cache width, new-token budget). Scoring runs the same chunked prefill in groups of `prefill_rows`,
+with the shared prefix reused, and reads scores per chunk.
 """
 from __future__ import annotations
 
@@ -32,11 +38,16 @@ def batch_shards(layout) -> int:
 class Scheduler:
   """Continuous batching and chunked, prefix-reusing prefill over one `generate.Engine`'s programs."""
 
-  def __init__(self, engine, *, slots: int, steps: int, chunk: int, prefix_reuse: bool, granule: int = 16):
-    if slots < 1 or steps < 1 or chunk < 1:
-      raise ValueError(f"decode_slots ({slots}), decode_steps ({steps}) and prefill_chunk ({chunk}) must be >= 1")
+  def __init__(self, engine, *, slots: int, steps: int, chunk: int, prefix_reuse: bool, granule: int = 16,
+               prefill_rows: int = 0, refill: int = 0):
+    if slots < 1 or steps < 1 or chunk < 1 or prefill_rows < 0 or refill < 0:
+      raise ValueError(f"decode_slots ({slots}), decode_steps ({steps}) and prefill_chunk ({chunk}) must be >= 1, "
+                       f"prefill_rows ({prefill_rows}) and refill ({refill}) >= 0")
     self.engine, self.slots, self.steps, self.chunk, self.granule = engine, slots, steps, chunk, granule
     self.group = batch_shards(engine.layout)
+    most = max(prefill_rows or slots, self.group)
+    self.group_sizes = [self.group << j for j in range(most.bit_length()) if self.group << j <= most]
+    self.refill = min(refill or max(1, slots // 4), slots)
     self.prefixes = prefix_lib.PrefixStore() if prefix_reuse else None
 
   # ----------------------------------------------------------------- generation
@@ -50,7 +61,7 @@ class Scheduler:
     live = [i for i, r in enumerate(rows) if r is not None]
     for i in live:
       results[i] = []
-    queue = collections.deque(i for i in live if limits[i] > 0)
+    queue = collections.deque(sorted((i for i in live if limits[i] > 0), key=lambda i: -len(rows[i])))
     if not queue:
       return results
     e = self.engine
@@ -63,19 +74,28 @@ class Scheduler:
     state = {k: np.zeros(self.slots, np.int32) for k in STATE_KEYS}
     state["done"][:] = 1
     occupant: list = [None] * self.slots
+    staged = None  # [group cache, its prompts, how many are inserted]: prefilled rows waiting for slots
     while True:
       free = [s for s in range(self.slots) if occupant[s] is None]
-      while free and queue:
-        take = [queue.popleft() for _ in range(min(self.group, len(free), len(queue)))]
-        cache = self._prefill_insert(cache, [rows[i] for i in take], free[:len(take)], start, base, width)
-        for s, i in zip(free, take):
+      while free and (queue or staged):
+        if staged is None:
+          take = [queue.popleft() for _ in range(min(self._group_size(len(queue)), len(queue)))]
+          staged = [self._prefill([rows[i] for i in take], start, base, width), take, 0]
+        group, take, used = staged
+        n = min(len(free), len(take) - used)
+        targets = [self.slots] * group.positions.shape[0]  # slot S: a row not inserted now
+        targets[used:used + n] = free[:n]
+        cache = self._insert(cache, group, targets)
+        for s, i in zip(free, take[used:used + n]):
           occupant[s] = i
           for key, value in zip(STATE_KEYS, (rows[i][-1], len(rows[i]) - 1, row_ids[i], limits[i], 0, 0)):
             state[key][s] = value
-        free = free[len(take):]
+        staged = None if used + n == len(take) else [group, take, used + n]
+        free = free[n:]
       if all(o is None for o in occupant):
         return results
-      out, emitted, busy, new_state, cache = self._decode(cache, state, eos, knobs, ring, greedy)
+      min_done = self.refill if queue or staged else self.slots  # return early to refill only while prompts wait
+      out, emitted, busy, new_state, cache = self._decode(cache, state, min_done, eos, knobs, ring, greedy)
       out, emitted, busy, new_state = jax.device_get((out, emitted, busy, new_state))
       state = {k: np.array(v, np.int32) for k, v in new_state.items()}
       e.stats.useful_row_steps += int(busy)
@@ -88,26 +108,40 @@ class Scheduler:
         if state["done"][s] or (stop is not None and stop(i, results[i])):
           occupant[s], state["done"][s] = None, 1
 
-  def _decode(self, cache, state, eos, knobs, ring, greedy):
+  def _group_size(self, wanted: int) -> int:
+    """The largest prefill group size <= `wanted` (the smallest when none is)."""
+    return max([s for s in self.group_sizes if s <= wanted] or self.group_sizes[:1])
+
+  def _fitting_size(self, rows: int) -> int:
+    """The smallest prefill group size >= `rows` (rows <= the largest)."""
+    return min(s for s in self.group_sizes if s >= rows)
+
+  def _decode(self, cache, state, min_done, eos, knobs, ring, greedy):
     e = self.engine
-    args = (e.params, cache, {k: e._put(v, ("batch",)) for k, v in state.items()}, eos, *knobs)
+    args = (e.params, cache, {k: e._put(v, ("batch",)) for k, v in state.items()}, e._put(np.int32(min_done), ()),
+            eos, *knobs)
     program = e._program(("slots", self.slots, ring, self.steps, greedy), "", functools.partial(
         programs.decode_steps, e.cfg, e.layout, steps=self.steps, greedy=greedy, backend=e.backend), args, donate=(1,))
     return program(*args)
 
-  def _prefill_insert(self, cache, group_rows, slot_ids, start, base, width):
-    """Prefills a group of prompts (all but each one's last token) and inserts it into `slot_ids`."""
-    pad = self.group - len(group_rows)
+  def _prefill(self, group_rows, start, base, width):
+    """A group cache holding `group_rows` prefilled (all but each one's last token), padded with
+    empty rows to a group size."""
+    size = self._fitting_size(len(group_rows))
+    pad = size - len(group_rows)
+    group = self._group_cache(base, width, start, size)
     stops = [len(r) - 1 for r in group_rows] + [0] * pad
-    group = self._group_cache(base, width, start)
-    for lo, tokens, positions in self._chunks(group_rows + [[]] * pad, start, stops):
+    for _, tokens, positions in self._chunks(group_rows + [[]] * pad, start, stops):
       group = self._chunk(group, tokens, positions, width)
+    self.engine.stats.prefill_tokens_saved += start * len(group_rows)
+    return group
+
+  def _insert(self, cache, group, slot_ids):
+    """The slot cache with row r of the group cache inserted into slot slot_ids[r] (S = not inserted)."""
     e = self.engine
-    e.stats.prefill_tokens_saved += start * len(group_rows)
-    ids = np.asarray(list(slot_ids) + [self.slots] * pad, np.int32)  # slot S = a dummy row: dropped
-    args = (cache, group, e._put(ids, ()))
-    program = e._program(("insert", self.group, width, self.slots, cache.max_len), "", programs.insert, args,
-                         donate=(0,))
+    args = (cache, group, e._put(np.asarray(slot_ids, np.int32), ()))
+    program = e._program(("insert", len(slot_ids), group.max_len, self.slots, cache.max_len), "", programs.insert,
+                         args, donate=(0,))
     return program(*args)
 
   # ----------------------------------------------------------------- scoring
@@ -149,15 +183,16 @@ class Scheduler:
     order = np.argsort([len(s) for s in seqs], kind="stable")
     pending = []
     cand = candidates if candidates is not None else e._put(np.zeros(1, np.int32), ())
-    for g in range(0, len(order), self.group):
-      members = [int(k) for k in order[g:g + self.group]]
-      pad = self.group - len(members)
-      group = self._group_cache(base, width, start)
+    for g in range(0, len(order), self.group_sizes[-1]):
+      members = [int(k) for k in order[g:g + self.group_sizes[-1]]]
+      size = self._fitting_size(len(members))
+      pad = size - len(members)
+      group = self._group_cache(base, width, start, size)
       e.stats.prefill_tokens_saved += start * len(members)
       for lo, tokens, positions in self._chunks([seqs[k] for k in members] + [[]] * pad, start,
                                                 [stops[k] for k in members] + [0] * pad):
         n = tokens.shape[1]
-        targets, mask, reads = np.zeros_like(tokens), np.zeros_like(tokens), np.full(self.group, -1, np.int32)
+        targets, mask, reads = np.zeros_like(tokens), np.zeros_like(tokens), np.full(size, -1, np.int32)
         for r, k in enumerate(members):
           t, m, _ = extra(k, lo, n)
           if t is not None:
@@ -165,7 +200,7 @@ class Scheduler:
           reads[r] = len(seqs[k]) - 1 - lo if lo <= len(seqs[k]) - 1 < lo + n else -1
         args = (e.params, group, *e._put((tokens, positions, targets, mask), ("batch", "length")),
                 e._put(reads, ("batch",)), cand)
-        program = e._program(("score", kind, self.group, self.chunk, width, cand.shape[0]), "", functools.partial(
+        program = e._program(("score", kind, size, n, width, cand.shape[0]), "", functools.partial(
             programs.score_chunk, e.cfg, e.layout, kind=kind, backend=e.backend), args, donate=(1,))
         group, value = program(*args)
         pending.append((members, reads, value))
@@ -191,7 +226,10 @@ class Scheduler:
     return -(-bucket // self.chunk) * self.chunk + self.chunk
 
   def _chunks(self, seqs, start, stops):
-    """(offset, tokens [P, C], positions [P, C]) covering seqs[r][start:stops[r]], padding at -1."""
+    """(offset, tokens [P, C], positions [P, C]) covering seqs[r][start:stops[r]], padding at -1.
+
+    Every chunk has the one width C: a row's values then do not depend on where its chunk starts
+    (the kernels round alike for a given shape), so prefix reuse changes no bit of a result."""
     n = max((-(-(stop - start) // self.chunk) for stop in stops), default=0)
     for c in range(max(n, 0)):
       lo = start + c * self.chunk
@@ -208,17 +246,19 @@ class Scheduler:
   def _chunk(self, group, tokens, positions, width):
     e = self.engine
     args = (e.params, group, *e._put((tokens, positions), ("batch", "length")))
-    program = e._program(("chunk", self.group, self.chunk, width), "", functools.partial(
+    program = e._program(("chunk", *tokens.shape, width), "", functools.partial(
         programs.prefill_chunk, e.cfg, e.layout, backend=e.backend), args, donate=(1,))
     return program(*args)
 
-  def _group_cache(self, base, width, start: int = 0):
-    """A group cache to prefill into from slot `start`: a copy of the shared prefix's, or an empty one."""
-    e = self.engine
+  def _group_cache(self, base, width, start: int = 0, rows: int = 0):
+    """A group cache of `rows` rows (default: the batch shards) to prefill into from slot `start`: the
+    shared prefix's rows repeated, or an empty one."""
+    e, rows = self.engine, rows or self.group
     if base is None:
-      return self._run(("fresh", self.group, width), functools.partial(
-          programs.fresh_cache, e.cfg, rows=self.group, length=width), ())
-    return self._run(("copy", self.group, width), programs.copy_cache, (base, e._put(np.int32(start), ())))
+      return self._run(("fresh", rows, width), functools.partial(
+          programs.fresh_cache, e.cfg, rows=rows, length=width), ())
+    return self._run(("copy", rows, width), functools.partial(programs.copy_cache, rows=rows),
+                     (base, e._put(np.int32(start), ())))
 
   def _run(self, shape, fn, args):
     return self.engine._program(shape, "", fn, args)(*args)

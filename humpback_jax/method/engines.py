@@ -10,7 +10,8 @@ def engine(cfg, model_cfg, params, layout) -> generate.Engine:
   the config's prompt buckets, batch size, too-long policy and scheduler (static or continuous, its
   slots, steps per call, prefill chunk and prefix reuse); empty prompts are skipped and counted."""
   g = cfg.generate
-  options = {k: g[k] for k in ("scheduler", "decode_slots", "decode_steps", "prefill_chunk", "prefix_reuse") if k in g}
+  options = {k: g[k] for k in ("scheduler", "decode_slots", "decode_steps", "prefill_chunk", "prefix_reuse",
+                               "prefill_rows", "refill_slots") if k in g}
   return generate.process_local_engine(model_cfg, params, layout, prompt_buckets=tuple(g.prompt_buckets),
                                        batch_size=g.batch_size, too_long=g.too_long, on_empty="skip", **options)
 
