@@ -172,6 +172,13 @@ def test_a_rows_sample_does_not_depend_on_the_rows_beside_it():
   mixed = jax.jit(lambda k: sample_next(jnp.stack([peaked] * 63 + [flat]), k, 1.0, 0.9, 0))(keys)
   np.testing.assert_array_equal(alone[:63], mixed[:63])
   assert len(set(np.asarray(alone).tolist())) > 1  # the draws do vary with the key
+  # A row marked not live (a finished row, an empty decode slot) keeps the rest off the whole-vocabulary
+  # path; the live rows' draws stay the same, and so does the dead row's own when it fits the candidates.
+  live = jnp.arange(64) < 63
+  masked = jax.jit(lambda k: sample_next(jnp.stack([peaked] * 63 + [flat]), k, 1.0, 0.9, 0, live=live))(keys)
+  np.testing.assert_array_equal(masked[:63], alone[:63])
+  dead_peaked = jax.jit(lambda k: sample_next(jnp.broadcast_to(peaked, (64, 300)), k, 1.0, 0.9, 0, live=live))(keys)
+  np.testing.assert_array_equal(dead_peaked, alone)
 
 
 def test_each_row_stops_at_its_first_eos(engine, prompts, greedy):
