@@ -6,9 +6,10 @@ rows into the slot cache), runs up to `decode_steps` steps over every slot in on
 returns early once `refill` slots are free while prompts wait, and frees the slots whose rows
 stopped (EOS, their own limit, or the caller's stop test). Prompts are taken longest first: the
 long ones do not straggle at the end, and a group's rows are of similar length (little padding).
-A group has as many rows as there are free slots (a power of two times the batch shards, at most
-`prefill_rows`): a prefill call costs about one read of the weights however few its tokens, so on
-CPU a chunk of several rows runs at ~2-3x the tokens/s of one row's (bench/RESULTS.md).
+A prefill group takes as many queued prompts as its largest size allows (a power of two times the
+batch shards, at most `prefill_rows`), and its prefilled rows wait until slots free: a prefill call
+costs about one pass over the weights however few its tokens, so on CPU a chunk of 8 rows runs at
+~3x the tokens/s of one row's (bench/RESULTS.md), and groups stay full while slots free one by one.
 Only a handful of shapes are ever compiled: chunk, insert and decode programs per (group rows,
 cache width, new-token budget). Scoring runs the same chunked prefill in groups of `prefill_rows`,
 with the shared prefix reused, and reads scores per chunk.
