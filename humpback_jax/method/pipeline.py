@@ -12,7 +12,6 @@ its stored scores, without judging, and every stage after it runs again.
 """
 from __future__ import annotations
 
-import gc
 import json
 import shutil
 import sys
@@ -102,9 +101,6 @@ class Run:
       start = time.time()
       self._outputs = {}
       counts = self._stage_fn(name)(name)
-      # A stage's engine (it and its scheduler refer to each other) or training state is garbage only
-      # to the cycle collector: free its buffers now, so the next stage reuses the heap, not grows it.
-      gc.collect()
       if jax.process_index() == 0:
         artifacts.write_manifest(self.dir(name), stage=name, config_hash=self.hash, counts=counts,
                                  outputs=self._outputs, seconds=time.time() - start,
