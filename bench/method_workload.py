@@ -75,7 +75,7 @@ class Ours:
 
   def __init__(self, model, cfg, kind: str, slots: int):
     g = cfg.generate
-    self.rows = g.decode_slots or slots if kind != "static" else slots
+    self.rows = slots if kind == "static" else (g.decode_slots or slots)
     self.engine = generate.Engine(model.cfg, model.params, model.layout, prompt_buckets=tuple(g.prompt_buckets),
                                   batch_size=self.rows, decode_slots=self.rows,
                                   scheduler="static" if kind in STATIC else "continuous",

@@ -24,8 +24,8 @@ def get_config(arg=None):
   config.corpus = ml_collections.ConfigDict(corpus.corpus_config())  # data/corpus.py: the keys and defaults
   config.train = common.train_config(steps=10, small_data_batch_size=4, seq_len=512, pack_rows="block",
                                      checkpoint_every=5, log_every=5)
-  # The continuous engine: 16 decode slots refilled as rows stop (a decode step's cost is mostly one
-  # read of the weights, so 16 rows cost ~1.6x what 8 do), prompts prefilled 8 at a time in 128-token
+  # The continuous engine: 16 decode slots refilled as rows stop (a 16-row step costs ~1.6x an 8-row
+  # one: more rows per second; 8 slots were 11% slower on (a)), prompts prefilled 8 at a time in 128-token
   # chunks, the rubric's and the backward prompt's KV computed once. The static engine (scheduler
   # "static") decodes batch_size rows at a time. bench/method_workload.py measures both.
   config.generate = common.generate_config(max_new_tokens=64, batch_size=8, prompt_buckets=(256, 512, 1024, 2048),

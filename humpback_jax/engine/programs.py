@@ -28,8 +28,9 @@ def copy_cache(cache, start, *, rows: int):
   slot `start` (a stored prefix stays intact when the copy is donated; the padding of the prefix's
   last chunk is overwritten by the next chunk)."""
   def grown(x, axis):  # the batch axis: k/v are [..., batch, length, kv_heads, d], positions [batch, length]
-    x = x + jnp.zeros((), x.dtype)
-    return jnp.repeat(x, rows // x.shape[axis], axis=axis) if rows != x.shape[axis] else x
+    if rows == x.shape[axis]:
+      return x + jnp.zeros((), x.dtype)  # a copy: the stored prefix is not donated with it
+    return jnp.repeat(x, rows // x.shape[axis], axis=axis)  # a new array already
   return cache.replace(k=jax.tree.map(lambda x: grown(x, x.ndim - 4), cache.k),
                        v=jax.tree.map(lambda x: grown(x, x.ndim - 4), cache.v),
                        positions=grown(cache.positions, 0), index=start)
@@ -105,10 +106,10 @@ def decode_steps(cfg, layout, params, cache, state, min_done, eos_ids, seed, tem
   def body(carry):
     i, token, position, step, done, emitted, busy, out, cache = carry
     keys = jax.vmap(jax.random.fold_in)(row_keys, step)
-    new, cache = next_tokens(token, position, cache, keys, temperature, top_p, top_k, ~done)
+    live = ~done
+    new, cache = next_tokens(token, position, cache, keys, temperature, top_p, top_k, live)
     cache = cache.replace(index=cache.index % ring)
     is_eos = jnp.isin(new, eos_ids)
-    live = ~done
     out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
     emitted += (live & ~is_eos).astype(jnp.int32)
     busy += jnp.sum(live.astype(jnp.int32))

@@ -184,8 +184,9 @@ class Scheduler:
     order = np.argsort([len(s) for s in seqs], kind="stable")
     pending = []
     cand = candidates if candidates is not None else e._put(np.zeros(1, np.int32), ())
-    for g in range(0, len(order), self.group_sizes[-1]):
-      members = [int(k) for k in order[g:g + self.group_sizes[-1]]]
+    most = self.group_sizes[-1]
+    for g in range(0, len(order), most):
+      members = [int(k) for k in order[g:g + most]]
       size = self._fitting_size(len(members))
       pad = size - len(members)
       group = self._group_cache(base, width, start, size)
