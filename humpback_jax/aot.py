@@ -147,3 +147,37 @@ def hbm_bytes(layout: sharding.Layout) -> int:
   """HBM per device of the layout's chips (chips.py), 0 when the table does not know them."""
   found = chips.chip(layout.mesh.devices.flat[0].device_kind)
   return found.hbm_bytes if found else 0
+
+
+def continuous_programs(cfg, layout: sharding.Layout, *, slots: int, rows: int, chunk: int, width: int,
+                        max_new: int) -> list[Compiled]:
+  """The continuous engine's programs as it compiles them: a prefill chunk of `rows` prompts into a
+  group cache `width` wide, the insertion of that group into `slots` decode slots, and the sampling
+  decode call (greedy=False) over the slot ring."""
+  from humpback_jax.engine import programs
+  from humpback_jax.engine.slots import STATE_KEYS
+  from humpback_jax.model import ops
+  m = cfg.model
+  backend = ops.for_model(m, layout)
+  replicated = sharding.replicated(layout.mesh)
+  shaped = lambda shape, dtype, names: jax.ShapeDtypeStruct(shape, dtype, sharding=layout.sharding(names, shape))
+  params = _shaped(build.abstract_params(m), build.param_shardings(m, layout))
+  cache_of = lambda n, length: _shaped(jax.eval_shape(lambda: kv_cache.init_cache(m, n, length)),
+                                       kv_cache.cache_shardings(layout, m, n, length))
+  ring = width + max_new
+  group, slot_cache = cache_of(rows, width), cache_of(slots, ring)
+  tokens = shaped((rows, chunk), jnp.int32, ("batch", "length"))
+  fill = jax.jit(functools.partial(programs.prefill_chunk, m, layout, backend=backend),
+                 out_shardings=kv_cache.cache_shardings(layout, m, rows, width), donate_argnums=(1,))
+  ids = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=replicated)
+  insert = jax.jit(programs.insert, out_shardings=kv_cache.cache_shardings(layout, m, slots, ring),
+                   donate_argnums=(0,))
+  state = {k: shaped((slots,), jnp.int32, ("batch",)) for k in STATE_KEYS}
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
+  eos = jax.ShapeDtypeStruct((8,), jnp.int32, sharding=replicated)
+  decode = jax.jit(functools.partial(programs.decode_steps, m, layout, steps=8, greedy=False, backend=backend),
+                   donate_argnums=(1,))
+  return [compile_program("prefill chunk", fill, params, group, tokens, tokens),
+          compile_program("insert", insert, slot_cache, group, ids),
+          compile_program("decode steps", decode, params, slot_cache, state, scalar(jnp.int32), eos, scalar(jnp.int32),
+                          scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32))]

@@ -57,6 +57,15 @@ def test_prefill_and_decode_compile_with_a_sharded_cache(compiled):
   assert programs["prefill"].total > 0 and programs["decode"].aliases > 0  # the cache is donated
 
 
+def test_the_continuous_engines_programs_compile_with_sharded_slots():
+  cfg = toy("fsdp")
+  layout = aot.topology_layout(cfg.mesh, aot.topology_devices("v5e:2x2", 1))
+  programs = {p.name: p for p in aot.continuous_programs(cfg, layout, slots=8, rows=4, chunk=16, width=64, max_new=8)}
+  cache = programs["decode steps"].program.input_shardings[0][1]
+  assert "fsdp" in _spec_axes(cache.k[0])  # each device decodes its own slots
+  assert all(programs[n].aliases > 0 for n in ("prefill chunk", "insert", "decode steps"))  # caches donated
+
+
 def test_two_slices_put_the_data_axis_across_slices(compiled):
   layout, programs = compiled
   if layout.mesh.devices.size == 4:
