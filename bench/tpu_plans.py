@@ -9,7 +9,8 @@ in --compile-families that slice is compiled (configs/humpback.py: bf16 compute 
 weights, scanned layers, full remat, fsdp, splash attention), walking up the sizes until XLA says it
 fits; the other rows are the estimate alone (no compile: minutes each on a small host), or with
 --stored-only every row shows what --store holds for its slice. Training: batch 32 x 2048 tokens;
-generation: batch 256, 1,024 prompt + 512 new tokens. Each compile is its own `humpback plan` process (libtpu holds its memory).
+generation: batch 256, 1,024 prompt + 512 new tokens, by the static engine (`generate`) or the continuous one
+(`continuous`: 256 slots, prefill groups of 16 x 512 tokens). Each compile is its own `humpback plan` process (libtpu holds its memory).
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ MODES = {
     "generate": ["--mode=generate", "--config.generate.batch_size=256", "--config.generate.max_new_tokens=512",
                  "--prompt-len=1024"],
 }
+# The continuous engine on the same job: 256 decode slots, prompts prefilled 16 at a time in 512-token chunks.
+MODES["continuous"] = [*MODES["generate"], "--config.generate.scheduler=continuous", "--config.generate.prefill_rows=16",
+                       "--config.generate.prefill_chunk=512"]
 
 
 def mesh_override(mode: str, topology: str) -> str:
@@ -103,7 +107,8 @@ def estimate_gib(model: str, mode: str, topology: str) -> float | None:
                               [o.removeprefix("--") for o in overrides(mode, topology) if o.startswith("--config.")])
   batch, seq, prompt = (None, None, None) if mode == "train" else (256, 1023 + 512, 1024)
   try:
-    return plan.plan(cfg, chips_of(topology), mode=mode, batch=batch, seq_len=seq, prompt_len=prompt).total / 2**30
+    return plan.plan(cfg, chips_of(topology), mode="train" if mode == "train" else "generate", batch=batch,
+                     seq_len=seq, prompt_len=prompt).total / 2**30
   except ConfigError:
     return None
 

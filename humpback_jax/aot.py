@@ -150,12 +150,12 @@ def hbm_bytes(layout: sharding.Layout) -> int:
 
 
 def continuous_programs(cfg, layout: sharding.Layout, *, slots: int, rows: int, chunk: int, width: int,
-                        max_new: int) -> list[Compiled]:
+                        max_new: int, steps: int = 8) -> list[Compiled]:
   """The continuous engine's programs as it compiles them: a prefill chunk of `rows` prompts into a
   group cache `width` wide, the insertion of that group into `slots` decode slots, and the sampling
-  decode call (greedy=False) over the slot ring."""
+  decode call (greedy=False, up to `steps` steps) over the slot ring."""
   from humpback_jax.engine import programs
-  from humpback_jax.engine.slots import STATE_KEYS
+  from humpback_jax.engine.slots import STATE_KEYS, batch_shards
   from humpback_jax.model import ops
   m = cfg.model
   backend = ops.for_model(m, layout)
@@ -170,12 +170,12 @@ def continuous_programs(cfg, layout: sharding.Layout, *, slots: int, rows: int, 
   fill = jax.jit(functools.partial(programs.prefill_chunk, m, layout, backend=backend),
                  out_shardings=kv_cache.cache_shardings(layout, m, rows, width), donate_argnums=(1,))
   ids = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=replicated)
-  insert = jax.jit(programs.insert, out_shardings=kv_cache.cache_shardings(layout, m, slots, ring),
+  insert = jax.jit(functools.partial(programs.insert, shards=batch_shards(layout, slots)), out_shardings=kv_cache.cache_shardings(layout, m, slots, ring),
                    donate_argnums=(0,))
   state = {k: shaped((slots,), jnp.int32, ("batch",)) for k in STATE_KEYS}
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
   eos = jax.ShapeDtypeStruct((8,), jnp.int32, sharding=replicated)
-  decode = jax.jit(functools.partial(programs.decode_steps, m, layout, steps=8, greedy=False, backend=backend),
+  decode = jax.jit(functools.partial(programs.decode_steps, m, layout, steps=steps, greedy=False, backend=backend),
                    donate_argnums=(1,))
   return [compile_program("prefill chunk", fill, params, group, tokens, tokens),
           compile_program("insert", insert, slot_cache, group, ids),

@@ -15,6 +15,7 @@ from jax.sharding import AbstractMesh
 
 from humpback_jax import sharding
 from humpback_jax.config import head_dim
+from humpback_jax.engine import slots as slots_lib
 from humpback_jax.errors import ConfigError
 from humpback_jax.model import build
 
@@ -120,10 +121,19 @@ def plan(cfg, num_devices: int, *, device_gib: float = 80.0, mode: str = "train"
     seq = seq_len or m.max_seq_len
     prompt = prompt_len or max(seq - cfg.generate.max_new_tokens, 1)
     optimizer = gradients = update = 0
-    local = batch / data_ways
     kv_heads_local = m.num_kv_heads / (tensor if m.num_kv_heads % tensor == 0 else 1)
-    kv = int(2 * m.num_layers * local * seq * kv_heads_local * head_dim(m) * compute)
-    activations = int(_generate_workspace(m, local, prompt, seq, tensor, params, kv))
+    slot_bytes = 2 * m.num_layers * kv_heads_local * head_dim(m) * compute  # one cache slot of one row
+    if cfg.generate.get("scheduler", "static") == "continuous":
+      c = continuous_shape(cfg, data_ways, prompt)
+      batch, local = c.slots, c.slots / data_ways
+      ring = local * (c.width + c.max_new) * slot_bytes
+      kv = int(ring + (c.rows / data_ways + 1) * c.width * slot_bytes)  # + a prefill group and a stored prefix
+      scores = PREFILL_SCORE_BUFFERS * c.rows / data_ways * m.num_heads / tensor * c.chunk * c.width * 4
+      activations = int(max(scores, ring + params))
+    else:
+      local = batch / data_ways
+      kv = int(local * seq * slot_bytes)
+      activations = int(_generate_workspace(m, local, prompt, seq, tensor, params, kv))
   return Plan(mesh=mesh_shape, params=params, optimizer=optimizer, gradients=gradients, activations=activations,
               kv_cache=kv, global_batch=batch, per_device_batch=local, device_bytes=int(device_gib * GIB),
               update_buffers=update)
@@ -176,6 +186,29 @@ def generate_shape(cfg, prompt_len: int | None = None) -> tuple[int, int, int]:
   return g.batch_size, prompt_len, g.max_new_tokens
 
 
+@dataclasses.dataclass(frozen=True)
+class ContinuousShape:
+  """The shapes the continuous engine compiles for prompts of one bucket."""
+  slots: int      # decode slots (rows decoded at once)
+  rows: int       # the largest prefill group
+  chunk: int      # prompt tokens per prefill call
+  width: int      # group cache slots (the bucket in whole chunks, plus one)
+  max_new: int    # new tokens per row: the ring holds width + max_new slots
+  steps: int      # decode steps per call
+
+
+def continuous_shape(cfg, shards: int, prompt_len: int) -> ContinuousShape:
+  """The continuous engine's shapes for the config's `generate` fields, `shards` batch shards (data x
+  fsdp) and prompts of up to `prompt_len` tokens, as `engine.slots.Scheduler` picks them."""
+  g = cfg.generate
+  n = g.decode_slots or g.batch_size
+  if n % shards:
+    raise ConfigError(f"generate.decode_slots: {n} slots do not split over {shards} batch shards (data x fsdp)")
+  return ContinuousShape(slots=n, rows=slots_lib.prefill_group_sizes(shards, g.prefill_rows, n)[-1],
+                         chunk=g.prefill_chunk, width=slots_lib.group_width(prompt_len, g.prefill_chunk),
+                         max_new=g.max_new_tokens, steps=g.decode_steps)
+
+
 def compiled_report(cfg, topology: str, slices: int = 1, mode: str = "train",
                     prompt_len: int | None = None) -> tuple[str, bool]:
   """Compiles the config's programs for a TPU topology; returns the report (our estimate, XLA's
@@ -201,6 +234,12 @@ def compiled_report(cfg, topology: str, slices: int = 1, mode: str = "train",
   try:
     if mode == "train":
       programs = [aot.train_step(cfg, layout)]
+    elif cfg.generate.get("scheduler", "static") == "continuous":
+      c = continuous_shape(cfg, slots_lib.batch_shards(layout), prompt)
+      lines += [f"continuous engine: {c.slots} decode slots ({c.width + c.max_new} each), prefill groups of "
+                f"{c.rows} x {c.chunk} tokens into a {c.width}-slot group cache, {c.steps} steps per decode call", ""]
+      programs = aot.continuous_programs(cfg, layout, slots=c.slots, rows=c.rows, chunk=c.chunk, width=c.width,
+                                         max_new=c.max_new, steps=c.steps)
     else:
       programs = aot.generate_programs(cfg, layout, batch=batch, prompt_len=prompt, max_new=new)
   except aot.DoesNotFit as e:

@@ -56,7 +56,7 @@ def test_greedy_tokens_equal_the_static_engine_with_mixed_lengths_and_limits(mod
   assert 0 < cont.stats.slot_utilisation <= 1
 
 
-@pytest.mark.parametrize("shape,slots", [((1, 1, 1), 1), ((1, 1, 1), 3), ((1, 1, 1), 8), ((8, 1, 1), 8)])
+@pytest.mark.parametrize("shape,slots", [((1, 1, 1), 1), ((1, 1, 1), 3), ((1, 1, 1), 8), ((2, 1, 1), 6), ((8, 1, 1), 8)])
 def test_sampled_tokens_do_not_depend_on_slot_count_or_mesh(model, shape, slots):
   rows = prompts(seed=1)
   ref = engine(model, scheduler="static").generate_ids(rows, SAMPLED, eos_ids=[4], index_offset=40)

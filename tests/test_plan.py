@@ -37,3 +37,29 @@ def test_per_device_parameter_bytes_match_hand_computation():
 def test_mesh_that_does_not_divide_the_devices_fails_first():
   with pytest.raises(ConfigError, match=r"mesh.shape: product of \(1, 8, 1\) is 8, but there are 6 devices"):
     plan.plan(config("gpu8"), 6)
+
+
+def _continuous(*overrides):
+  return configlib.load_config("configs/llama.py:variant=7b,mesh=fsdp", [
+      "config.generate.scheduler='continuous'", "config.generate.batch_size=64", "config.generate.max_new_tokens=512",
+      "config.generate.prefill_chunk=512", *overrides])
+
+
+def test_the_continuous_engines_shapes_are_the_schedulers():
+  c = plan.continuous_shape(_continuous("config.generate.prefill_rows=24"), 8, 1024)
+  # groups are the batch shards times a power of two (8, 16; not 24); the group cache is the bucket in
+  # whole chunks plus one chunk, the ring that plus the new tokens
+  assert (c.slots, c.rows, c.chunk, c.width, c.max_new) == (64, 16, 512, 1536, 512)
+
+
+def test_the_continuous_engines_cache_is_its_slot_ring_plus_a_prefill_group_and_a_prefix():
+  cfg = _continuous("config.generate.prefill_rows=16")
+  p = plan.plan(cfg, 8, mode="generate", batch=64, seq_len=1023 + 512, prompt_len=1024)
+  slot = 2 * 32 * 32 * 128 * 4  # LLaMA-7B: layers x kv heads x head_dim, k and v, float32
+  assert p.kv_cache == (64 // 8 * (1536 + 512) + (16 // 8 + 1) * 1536) * slot
+  assert p.global_batch == 64
+
+
+def test_slots_that_do_not_split_over_the_batch_shards_name_the_field():
+  with pytest.raises(ConfigError, match=r"generate.decode_slots: 60 slots do not split over 8 batch shards"):
+    plan.continuous_shape(_continuous("config.generate.decode_slots=60"), 8, 1024)

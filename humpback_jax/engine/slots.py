@@ -29,11 +29,25 @@ from humpback_jax.engine import programs
 STATE_KEYS = ("token", "position", "row_id", "limit", "step", "done")
 
 
-def batch_shards(layout) -> int:
-  """How many ways the layout splits a batch (data x fsdp): the prefill group's row count."""
-  axes = layout.spec(("batch",))[0]
+def batch_shards(layout, rows: int | None = None) -> int:
+  """How many ways the layout splits a batch (data x fsdp: the prefill group's row count), or a batch
+  of `rows` rows (the mesh axes that divide it)."""
+  axes = layout.spec(("batch",), None if rows is None else (rows,))[0]
   axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   return math.prod(layout.mesh.shape[a] for a in axes)
+
+
+def prefill_group_sizes(shards: int, prefill_rows: int, slots: int) -> list[int]:
+  """Row counts a prefill group may have: `shards` (the batch shards) times powers of two, up to
+  `prefill_rows` (0 = the decode slots), at least one."""
+  most = max(prefill_rows or slots, shards)
+  return [shards << j for j in range(most.bit_length()) if shards << j <= most]
+
+
+def group_width(bucket: int, chunk: int) -> int:
+  """Group cache width for prompts in a `bucket`: the bucket in whole chunks, plus one chunk (a shared
+  prefix that ends inside a chunk shifts the chunks after it)."""
+  return -(-bucket // chunk) * chunk + chunk
 
 
 class Scheduler:
@@ -46,8 +60,8 @@ class Scheduler:
                        f"prefill_rows ({prefill_rows}) and refill ({refill}) >= 0")
     self.engine, self.slots, self.steps, self.chunk, self.granule = engine, slots, steps, chunk, granule
     self.group = batch_shards(engine.layout)
-    most = max(prefill_rows or slots, self.group)
-    self.group_sizes = [self.group << j for j in range(most.bit_length()) if self.group << j <= most]
+    self.slot_shards = batch_shards(engine.layout, slots)  # the slot cache's row shards (insertion is per shard)
+    self.group_sizes = prefill_group_sizes(self.group, prefill_rows, slots)
     self.refill = min(refill or max(1, slots // 4), slots)
     self.prefixes = prefix_lib.PrefixStore() if prefix_reuse else None
 
@@ -75,27 +89,30 @@ class Scheduler:
     state = {k: np.zeros(self.slots, np.int32) for k in STATE_KEYS}
     state["done"][:] = 1
     occupant: list = [None] * self.slots
-    staged = None  # [group cache, its prompts, how many are inserted]: prefilled rows waiting for slots
+    staged = None  # [group cache, its prompts, the group rows not yet inserted]: prefilled rows waiting for slots
     while True:
       free = [s for s in range(self.slots) if occupant[s] is None]
       while free and (queue or staged):
         if staged is None:
           take = [queue.popleft() for _ in range(min(self._group_size(len(queue)), len(queue)))]
-          staged = [self._prefill([rows[i] for i in take], start, base, width), take, 0]
-        group, take, used = staged
-        n = min(len(free), len(take) - used)
-        targets = [self.slots] * group.positions.shape[0]  # slot S: a row not inserted now
-        targets[used:used + n] = free[:n]
-        cache = self._insert(cache, group, targets)
-        for s, i in zip(free, take[used:used + n]):
-          occupant[s] = i
+          staged = [self._prefill([rows[i] for i in take], start, base, width), take, list(range(len(take)))]
+        group, take, waiting = staged
+        placed = self._place(waiting, free, group.positions.shape[0])
+        if not placed:  # the free slots are on other batch shards than the waiting rows: decode first
+          break
+        cache = self._insert(cache, group, placed, group.positions.shape[0])
+        for r, s in placed.items():
+          i = occupant[s] = take[r]
           for key, value in zip(STATE_KEYS, (rows[i][-1], len(rows[i]) - 1, row_ids[i], limits[i], 0, 0)):
             state[key][s] = value
-        staged = None if used + n == len(take) else [group, take, used + n]
-        free = free[n:]
+        waiting = [r for r in waiting if r not in placed]
+        staged = [group, take, waiting] if waiting else None
+        free = [s for s in free if s not in placed.values()]
       if all(o is None for o in occupant):
         return results
-      min_done = self.refill if queue or staged else self.slots  # return early to refill only while prompts wait
+      # Return early to refill only while prompts wait, once `refill` more slots are free than now (a free
+      # slot now is on a batch shard whose waiting rows are all placed).
+      min_done = min(len(free) + self.refill, self.slots) if queue or staged else self.slots
       out, emitted, busy, new_state, cache = self._decode(cache, state, min_done, eos, knobs, ring, greedy)
       out, emitted, busy, new_state = jax.device_get((out, emitted, busy, new_state))
       state = {k: np.array(v, np.int32) for k, v in new_state.items()}
@@ -137,12 +154,28 @@ class Scheduler:
     self.engine.stats.prefill_tokens_saved += start * len(group_rows)
     return group
 
-  def _insert(self, cache, group, slot_ids):
-    """The slot cache with row r of the group cache inserted into slot slot_ids[r] (S = not inserted)."""
+  def _place(self, waiting, free, group_rows) -> dict:
+    """{group row: free slot} for as many waiting rows as fit, each in a slot of its own shard of the
+    slot cache (row r of P is held by shard r // (P / shards), slot s of S by shard s // (S / shards))."""
+    placed, free = {}, list(free)
+    for r in waiting:
+      shard = r // (group_rows // self.slot_shards)
+      s = next((s for s in free if s // (self.slots // self.slot_shards) == shard), None)
+      if s is not None:
+        placed[r] = s
+        free.remove(s)
+    return placed
+
+  def _insert(self, cache, group, placed, group_rows):
+    """The slot cache with the group rows of `placed` ({row: slot}) inserted into their slots."""
     e = self.engine
-    args = (cache, group, e._put(np.asarray(slot_ids, np.int32), ()))
-    program = e._program(("insert", len(slot_ids), group.max_len, self.slots, cache.max_len), "", programs.insert,
-                         args, donate=(0,))
+    per_shard = self.slots // self.slot_shards
+    local = np.full(group_rows, per_shard, np.int32)  # a local id past the shard's slots: not inserted
+    for r, s in placed.items():
+      local[r] = s % per_shard
+    args = (cache, group, e._put(local, ()))
+    program = e._program(("insert", group_rows, group.max_len, self.slots, cache.max_len), "", functools.partial(
+        programs.insert, shards=self.slot_shards), args, donate=(0,))
     return program(*args)
 
   # ----------------------------------------------------------------- scoring
@@ -222,10 +255,8 @@ class Scheduler:
   # ----------------------------------------------------------------- shared pieces
 
   def _width(self, need: int, limit: int) -> int:
-    """Group cache width for prompts of up to `need` prefilled tokens: its bucket in whole chunks, plus
-    one chunk (a prefix that ends inside a chunk shifts the chunks after it)."""
-    bucket = self.engine._bucket(max(need, 1), max(limit, need, 1))
-    return -(-bucket // self.chunk) * self.chunk + self.chunk
+    """Group cache width for prompts of up to `need` prefilled tokens (`group_width` of their bucket)."""
+    return group_width(self.engine._bucket(max(need, 1), max(limit, need, 1)), self.chunk)
 
   def _chunks(self, seqs, start, stops):
     """(offset, tokens [P, C], positions [P, C]) covering seqs[r][start:stops[r]], padding at -1.
