@@ -10,6 +10,8 @@ A prefill group takes as many queued prompts as its largest size allows (a power
 batch shards, at most `prefill_rows`), and its prefilled rows wait until slots free: a prefill call
 costs about one pass over the weights however few its tokens, so on CPU a chunk of 8 rows runs at
 ~3x the tokens/s of one row's (bench/RESULTS.md), and groups stay full while slots free one by one.
+On a mesh each prefilled row goes to a free slot of its own batch shard, so insertion moves no rows
+between devices (a row waits when only other shards have free slots).
 Only a handful of shapes are ever compiled: chunk, insert and decode programs per (group rows,
 cache width, new-token budget). Scoring runs the same chunked prefill in groups of `prefill_rows`,
 with the shared prefix reused, and reads scores per chunk.
