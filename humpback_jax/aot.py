@@ -170,8 +170,8 @@ def continuous_programs(cfg, layout: sharding.Layout, *, slots: int, rows: int, 
   fill = jax.jit(functools.partial(programs.prefill_chunk, m, layout, backend=backend),
                  out_shardings=kv_cache.cache_shardings(layout, m, rows, width), donate_argnums=(1,))
   ids = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=replicated)
-  insert = jax.jit(functools.partial(programs.insert, shards=batch_shards(layout, slots)), out_shardings=kv_cache.cache_shardings(layout, m, slots, ring),
-                   donate_argnums=(0,))
+  insert = jax.jit(functools.partial(programs.insert, shards=batch_shards(layout, slots)),
+                   out_shardings=kv_cache.cache_shardings(layout, m, slots, ring), donate_argnums=(0,))
   state = {k: shaped((slots,), jnp.int32, ("batch",)) for k in STATE_KEYS}
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
   eos = jax.ShapeDtypeStruct((8,), jnp.int32, sharding=replicated)

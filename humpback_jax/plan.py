@@ -123,7 +123,7 @@ def plan(cfg, num_devices: int, *, device_gib: float = 80.0, mode: str = "train"
     optimizer = gradients = update = 0
     kv_heads_local = m.num_kv_heads / (tensor if m.num_kv_heads % tensor == 0 else 1)
     slot_bytes = 2 * m.num_layers * kv_heads_local * head_dim(m) * compute  # one cache slot of one row
-    if cfg.generate.get("scheduler", "static") == "continuous":
+    if _continuous(cfg):
       c = continuous_shape(cfg, data_ways, prompt)
       batch, local = c.slots, c.slots / data_ways
       ring = local * (c.width + c.max_new) * slot_bytes
@@ -197,6 +197,10 @@ class ContinuousShape:
   steps: int      # decode steps per call
 
 
+def _continuous(cfg) -> bool:
+  return cfg.generate.get("scheduler", "static") == "continuous"
+
+
 def continuous_shape(cfg, shards: int, prompt_len: int) -> ContinuousShape:
   """The continuous engine's shapes for the config's `generate` fields, `shards` batch shards (data x
   fsdp) and prompts of up to `prompt_len` tokens, as `engine.slots.Scheduler` picks them."""
@@ -234,12 +238,11 @@ def compiled_report(cfg, topology: str, slices: int = 1, mode: str = "train",
   try:
     if mode == "train":
       programs = [aot.train_step(cfg, layout)]
-    elif cfg.generate.get("scheduler", "static") == "continuous":
+    elif _continuous(cfg):
       c = continuous_shape(cfg, slots_lib.batch_shards(layout), prompt)
       lines += [f"continuous engine: {c.slots} decode slots ({c.width + c.max_new} each), prefill groups of "
                 f"{c.rows} x {c.chunk} tokens into a {c.width}-slot group cache, {c.steps} steps per decode call", ""]
-      programs = aot.continuous_programs(cfg, layout, slots=c.slots, rows=c.rows, chunk=c.chunk, width=c.width,
-                                         max_new=c.max_new, steps=c.steps)
+      programs = aot.continuous_programs(cfg, layout, **dataclasses.asdict(c))
     else:
       programs = aot.generate_programs(cfg, layout, batch=batch, prompt_len=prompt, max_new=new)
   except aot.DoesNotFit as e:

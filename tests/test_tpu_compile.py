@@ -3,6 +3,7 @@ the layout says. Needs libtpu (the `test` extra installs it); skipped without it
 
 The LLaMA-7B tests are slow (minutes each): JAX_NUM_CPU_DEVICES=8 python -m pytest -m slow tests/test_tpu_compile.py
 """
+import dataclasses
 import subprocess
 import sys
 
@@ -145,8 +146,7 @@ def test_the_planner_is_within_25_percent_of_xla_for_a_4_layer_llama_7b_continuo
       "config.generate.prefill_chunk=512", "config.generate.max_new_tokens=512"])
   layout = aot.topology_layout(cfg.mesh, aot.topology_devices("v5p:2x2x2"))
   c = plan.continuous_shape(cfg, 8, 1024)  # 256 slots of 1,536 + 512 tokens, groups of 16 x 512
-  programs = aot.continuous_programs(cfg, layout, slots=c.slots, rows=c.rows, chunk=c.chunk, width=c.width,
-                                     max_new=c.max_new, steps=c.steps)
+  programs = aot.continuous_programs(cfg, layout, **dataclasses.asdict(c))
   estimate = plan.plan(cfg, 8, mode="generate", prompt_len=1024)
   assert _within_a_quarter(estimate.total, max(p.total for p in programs)), (estimate.table(), programs)
 

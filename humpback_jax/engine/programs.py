@@ -67,9 +67,8 @@ def insert(slots_cache, group_cache, local_ids_p, *, shards: int = 1):
 
   Each of the `shards` batch shards takes only its own rows: row r of the group's P goes to slot
   local_ids_p[r] among the S / shards slots of shard r // (P / shards) (an id >= S / shards writes
-  nothing), so no device reads another's rows (a scatter at global slots made XLA gather the whole
-  group onto every device: 129 GiB for LLaMA-33B on v5p:2x4x4). The ring must hold the group's
-  slots plus the new tokens."""
+  nothing), so no device reads another's rows (a scatter at global slot ids made XLA all-gather the
+  whole group onto every device). The ring must hold the group's slots plus the new tokens."""
   ring, width = slots_cache.max_len, group_cache.max_len
   slot = jnp.arange(ring)
   src = (slot - slots_cache.index + group_cache.index) % ring  # [L]: the group slot each ring slot takes

@@ -63,6 +63,7 @@ class Scheduler:
     self.engine, self.slots, self.steps, self.chunk, self.granule = engine, slots, steps, chunk, granule
     self.group = batch_shards(engine.layout)
     self.slot_shards = batch_shards(engine.layout, slots)  # the slot cache's row shards (insertion is per shard)
+    self.slots_per_shard = slots // self.slot_shards
     self.group_sizes = prefill_group_sizes(self.group, prefill_rows, slots)
     self.refill = min(refill or max(1, slots // 4), slots)
     self.prefixes = prefix_lib.PrefixStore() if prefix_reuse else None
@@ -102,7 +103,7 @@ class Scheduler:
         placed = self._place(waiting, free, group.positions.shape[0])
         if not placed:  # the free slots are on other batch shards than the waiting rows: decode first
           break
-        cache = self._insert(cache, group, placed, group.positions.shape[0])
+        cache = self._insert(cache, group, placed)
         for r, s in placed.items():
           i = occupant[s] = take[r]
           for key, value in zip(STATE_KEYS, (rows[i][-1], len(rows[i]) - 1, row_ids[i], limits[i], 0, 0)):
@@ -162,21 +163,20 @@ class Scheduler:
     placed, free = {}, list(free)
     for r in waiting:
       shard = r // (group_rows // self.slot_shards)
-      s = next((s for s in free if s // (self.slots // self.slot_shards) == shard), None)
+      s = next((s for s in free if s // self.slots_per_shard == shard), None)
       if s is not None:
         placed[r] = s
         free.remove(s)
     return placed
 
-  def _insert(self, cache, group, placed, group_rows):
+  def _insert(self, cache, group, placed):
     """The slot cache with the group rows of `placed` ({row: slot}) inserted into their slots."""
     e = self.engine
-    per_shard = self.slots // self.slot_shards
-    local = np.full(group_rows, per_shard, np.int32)  # a local id past the shard's slots: not inserted
+    local = np.full(group.positions.shape[0], self.slots_per_shard, np.int32)  # past the shard's slots: not inserted
     for r, s in placed.items():
-      local[r] = s % per_shard
+      local[r] = s % self.slots_per_shard
     args = (cache, group, e._put(local, ()))
-    program = e._program(("insert", group_rows, group.max_len, self.slots, cache.max_len), "", functools.partial(
+    program = e._program(("insert", local.size, group.max_len, self.slots, cache.max_len), "", functools.partial(
         programs.insert, shards=self.slot_shards), args, donate=(0,))
     return program(*args)
 
